@@ -334,30 +334,29 @@ static int l_request(lua_State *L) {
   return kg_drive(L, 2);
 }
 
-/* http.get(url, opts) and friends: request with method and url filled in */
+/* http.get(url, opts) and friends: request with method and url filled in.
+ * Upvalues: 1 cjson.encode (as l_request's), 2 the method.  l_request is
+ * called directly, not through lua_call, so the request stays yieldable. */
 static int l_verb(lua_State *L) {
   const char *url = luaL_checkstring(L, 1);
   lua_settop(L, 2);
-  if (lua_isnil(L, 2)) lua_newtable(L);
-  else {
-    /* shallow copy: the caller's table stays untouched */
+  lua_newtable(L); /* 3: a shallow copy, the caller's table stays untouched */
+  if (!lua_isnil(L, 2)) {
     luaL_checktype(L, 2, LUA_TTABLE);
-    lua_newtable(L);
     lua_pushnil(L);
     while (lua_next(L, 2)) {
       lua_pushvalue(L, -2);
       lua_insert(L, -2);
-      lua_rawset(L, -4);
+      lua_rawset(L, 3);
     }
   }
   lua_pushstring(L, url);
-  lua_setfield(L, -2, "url");
-  lua_pushvalue(L, lua_upvalueindex(1));
-  lua_setfield(L, -2, "method");
-  lua_pushvalue(L, lua_upvalueindex(2)); /* request */
-  lua_insert(L, -2);
-  lua_call(L, 1, LUA_MULTRET);
-  return lua_gettop(L) - 2;
+  lua_setfield(L, 3, "url");
+  lua_pushvalue(L, lua_upvalueindex(2));
+  lua_setfield(L, 3, "method");
+  lua_replace(L, 1);
+  lua_settop(L, 1);
+  return l_request(L);
 }
 
 /* res:json() -> decoded body or nil, string, string.  Upvalue 1: cjson.decode */
@@ -396,18 +395,20 @@ int luaopen_kengine_http(lua_State *L) {
   lua_pop(L, 1);
   lua_newtable(L); /* the module */
   lua_getfield(L, -2, "encode");
+  lua_pushvalue(L, -1);
   lua_pushcclosure(L, l_request, 1);
+  lua_setfield(L, -3, "request");
   for (i = 0; i < sizeof verbs / sizeof verbs[0]; i++) {
     char up[8];
     size_t j;
     for (j = 0; verbs[i][j]; j++) up[j] = (char)(verbs[i][j] - 'a' + 'A');
     up[j] = 0;
+    lua_pushvalue(L, -1);
     lua_pushstring(L, up);
-    lua_pushvalue(L, -2);
     lua_pushcclosure(L, l_verb, 2);
     lua_setfield(L, -3, verbs[i]);
   }
-  lua_setfield(L, -2, "request");
+  lua_pop(L, 1);
   lua_pushstring(L, curl_version_info(CURLVERSION_NOW)->version);
   lua_setfield(L, -2, "libcurl_version");
   return 1;

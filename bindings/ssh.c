@@ -559,7 +559,6 @@ static int exec_wait(exec_op *e) {
   kg_want(&e->op, ssh_get_fd(e->s->ssh), ssh_events(e->s->ssh), e->deadline);
   e->op.w.ready = exec_ready;
   e->op.w.ready_ud = e;
-  e->seen = e->s->rx.in_packets;
   return KG_AGAIN;
 }
 
@@ -659,9 +658,16 @@ static int exec_step(lua_State *L, kg_op *op) {
   }
   if (op->w.timed_out) {
     if (e->ch) ssh_channel_request_send_signal(e->ch, "KILL"); /* best effort */
+    if (getenv("KENGINE_DEBUG_SSH"))
+      fprintf(stderr, "timeout: phase=%d out_eof=%d err_eof=%d eof_sent=%d status=%d closed=%d eof=%d\n", e->phase,
+              e->out_eof, e->err_eof, e->eof_sent, e->ch ? ssh_channel_get_exit_status(e->ch) : -2,
+              e->ch ? ssh_channel_is_closed(e->ch) : -2, e->ch ? ssh_channel_is_eof(e->ch) : -2);
     lua_pushfstring(L, "command timed out after %f s: %s", e->timeout, e->cmd);
     return exec_error(L, e, "ETIMEDOUT", lua_tostring(L, -1));
   }
+  /* Packets processed from here on, by this step or any other operation,
+   * make the wait below end at once: one of them may have been ours. */
+  e->seen = e->s->rx.in_packets;
   for (;;) {
     switch (e->phase) {
     case X_SLOT:

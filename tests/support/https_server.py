@@ -318,6 +318,10 @@ class QuietErrors:
 
 
 class TLSServer(QuietErrors, http.server.ThreadingHTTPServer):
+    # socketserver's default backlog of 5 drops SYNs when 50 clients connect
+    # at once; the kernel then retries a second later.
+    request_queue_size = 256
+
     def __init__(self, state, context):
         self.state = state
         self.context = context
@@ -339,6 +343,7 @@ class TLSServer(QuietErrors, http.server.ThreadingHTTPServer):
 class UnixHTTPServer(QuietErrors, socketserver.ThreadingMixIn,
                      socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = 256
 
     def __init__(self, state, sock_path):
         self.state = state
