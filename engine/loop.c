@@ -344,6 +344,7 @@ static int loop_step(lua_State *L, kg_loop *loop, int block) {
     if (loop->rhead == NULL) loop->rtail = NULL;
     t->queued = 0;
     resume_task(L, loop, t);
+    fired++; /* progress: an inline waiter may have been woken by it */
   }
 
   /* ready checks, descriptors, deadlines */

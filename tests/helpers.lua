@@ -67,9 +67,10 @@ function H.kengine(args, opts)
   return assert(k.exec(argv, opts))
 end
 
---- Number of open file descriptors of this process.
-function H.fd_count()
-  local r = assert(k.exec({ "sh", "-c", "ls /proc/$PPID/fd | wc -l" }))
+--- Number of this process's TCP connections to 127.0.0.1:port (via ss).
+function H.connections_to(port)
+  local r = assert(k.exec({ "sh", "-c",
+    "ss -tnpH state established dst 127.0.0.1:" .. port .. " | grep -c \"pid=$PPID,\" || true" }))
   return tonumber(r.stdout)
 end
 

@@ -68,13 +68,12 @@ function M.run_file(file, args)
   for i, a in ipairs(args) do argt[i] = a end
   _G.arg = argt
   local task = k.spawn(function() return xpcall(fn, debug.traceback, table.unpack(args)) end)
-  local ok, res = true, nil
   local run_ok, run_err = pcall(k.run)
   if not run_ok then
     io.stderr:write(tostring(run_err), "\n")
     return 1
   end
-  ok, res = task:wait()
+  local ok, res = task:wait()
   if not ok then
     io.stderr:write(tostring(res), "\n")
     return 1

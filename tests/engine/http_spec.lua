@@ -81,6 +81,7 @@ describe("http", function()
     res, msg, code = k.http.get(srv.base .. "/slow?id=timeout&ms=3000", { cacert = srv.cacert, timeout = 0.5 })
     assert.is_nil(res)
     assert.equal("ETIMEDOUT", code)
+    assert.matches("/slow%?id=timeout", msg)
   end)
 
   it("fails a missing unix socket with ENOENT", function()

@@ -1230,3 +1230,1134 @@ def norm_type(seg):
 
 def det_uuid(seed):
     return str(uuid.UUID(hashlib.md5(seed.encode()).hexdigest()))
+
+
+# --------------------------------------------------------------------------
+# Kubernetes object machinery: list semantics, patches, managed fields
+
+CONTAINER_LISTS = ("containers", "initContainers", "ephemeralContainers")
+KEY_DEFAULTS = {"protocol": "TCP"}
+# structs Kubernetes marks +structType=atomic, per kind
+ATOMIC_STRUCTS = {"Deployment": {("spec", "selector")}}
+GRANULAR_MAPS = ("labels", "annotations", "matchLabels", "nodeSelector",
+                 "limits", "requests", "selector")
+
+
+def list_kind(sp):
+    """(kind, strategic-merge key, server-side-apply keys) for the list at
+    schema path sp (field names only).  kind: map | set | atomic."""
+    last = sp[-1] if sp else ""
+    if sp == ("metadata", "finalizers"):
+        return "set", None, None
+    if sp == ("metadata", "ownerReferences"):
+        return "map", "uid", ("uid",)
+    if sp == ("status", "conditions"):
+        return "map", "type", ("type",)
+    if sp == ("spec", "ports"):  # Service
+        return "map", "port", ("port", "protocol")
+    if last in CONTAINER_LISTS:
+        return "map", "name", ("name",)
+    if len(sp) >= 2 and sp[-2] in CONTAINER_LISTS:
+        if last == "ports":
+            return "map", "containerPort", ("containerPort", "protocol")
+        if last == "env":
+            return "map", "name", ("name",)
+        if last == "volumeMounts":
+            return "map", "mountPath", ("mountPath",)
+        if last == "volumeDevices":
+            return "map", "devicePath", ("devicePath",)
+    if last in ("volumes", "imagePullSecrets"):
+        return "map", "name", ("name",)
+    if last == "hostAliases":
+        return "map", "ip", ("ip",)
+    return "atomic", None, None
+
+
+def key_json(item, keys):
+    k = {}
+    for f in keys:
+        v = item.get(f, KEY_DEFAULTS.get(f, MISSING))
+        if v is not MISSING:
+            k[f] = v
+    return canon(k)
+
+
+# --- JSON merge patch (RFC 7386) -------------------------------------------
+
+def merge_patch(target, patch):
+    if not isinstance(patch, dict):
+        return deep(patch)
+    out = deep(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
+# --- strategic merge patch (subset of apimachinery strategicpatch) ---------
+
+DELETE = object()
+
+
+def smp(orig, patch, sp=()):
+    if not isinstance(patch, dict):
+        return deep(patch)
+    directive = patch.get("$patch")
+    if directive == "replace":
+        return {k: deep(v) for k, v in patch.items() if k != "$patch"}
+    if directive == "delete":
+        return DELETE
+    out = deep(orig) if isinstance(orig, dict) else {}
+    orders = {}
+    for k, v in patch.items():
+        if k.startswith("$setElementOrder/"):
+            orders[k.split("/", 1)[1]] = v
+            continue
+        if k.startswith("$deleteFromPrimitiveList/"):
+            f = k.split("/", 1)[1]
+            if isinstance(out.get(f), list) and isinstance(v, list):
+                out[f] = [x for x in out[f] if x not in v]
+            continue
+        if k.startswith("$"):
+            continue
+        if v is None:
+            out.pop(k, None)
+            continue
+        path = sp + (k,)
+        lk, mkey, _ = list_kind(path)
+        if isinstance(v, list) and lk == "map":
+            out[k] = smp_list(out.get(k) if isinstance(out.get(k), list)
+                              else [], v, mkey, path)
+        elif isinstance(v, list) and lk == "set":
+            cur = out.get(k) if isinstance(out.get(k), list) else []
+            out[k] = cur + [x for x in v if x not in cur]
+        elif isinstance(v, dict):
+            r = smp(out.get(k), v, path)
+            if r is DELETE:
+                out.pop(k, None)
+            else:
+                out[k] = r
+        else:
+            out[k] = deep(v)
+    for f, order in orders.items():
+        lk, mkey, _ = list_kind(sp + (f,))
+        if isinstance(out.get(f), list) and isinstance(order, list):
+            def rank(x, order=order, mkey=mkey):
+                probe = x.get(mkey) if isinstance(x, dict) and mkey else x
+                for i, o in enumerate(order):
+                    if (o.get(mkey) if isinstance(o, dict) and mkey
+                            else o) == probe:
+                        return i
+                return len(order)
+            out[f] = sorted(out[f], key=rank)
+    if "$retainKeys" in patch and isinstance(patch["$retainKeys"], list):
+        out = {k: v for k, v in out.items() if k in patch["$retainKeys"]}
+    return out
+
+
+def strip_directives(v):
+    if isinstance(v, dict):
+        return {k: strip_directives(x) for k, x in v.items()
+                if not k.startswith("$")}
+    if isinstance(v, list):
+        return [strip_directives(x) for x in v]
+    return v
+
+
+def smp_list(orig, patch, mkey, sp):
+    if any(isinstance(i, dict) and i.get("$patch") == "replace"
+           for i in patch):
+        return [strip_directives(i) for i in patch
+                if not (isinstance(i, dict) and "$patch" in i)]
+    out = deep(orig)
+    for item in patch:
+        if not isinstance(item, dict):
+            out.append(deep(item))
+            continue
+        kv = item.get(mkey)
+        idx = next((i for i, x in enumerate(out)
+                    if isinstance(x, dict) and x.get(mkey) == kv), None)
+        if item.get("$patch") == "delete":
+            if idx is not None:
+                del out[idx]
+            continue
+        if idx is None:
+            out.append(strip_directives(item))
+        else:
+            out[idx] = smp(out[idx], item, sp)
+    return out
+
+
+# --- JSON patch (RFC 6902) ---------------------------------------------------
+
+class PatchFailed(Exception):
+    pass
+
+
+def _pointer(p):
+    if p == "":
+        return []
+    if not p.startswith("/"):
+        raise PatchFailed("invalid pointer " + p)
+    return [t.replace("~1", "/").replace("~0", "~") for t in p[1:].split("/")]
+
+
+def _walk(doc, toks):
+    cur = doc
+    for t in toks:
+        if isinstance(cur, dict):
+            if t not in cur:
+                raise PatchFailed("missing key " + t)
+            cur = cur[t]
+        elif isinstance(cur, list):
+            try:
+                cur = cur[int(t)]
+            except (ValueError, IndexError):
+                raise PatchFailed("bad index " + t)
+        else:
+            raise PatchFailed("cannot descend into a scalar")
+    return cur
+
+
+def _add(doc, toks, value):
+    if not toks:
+        return value
+    parent = _walk(doc, toks[:-1])
+    last = toks[-1]
+    if isinstance(parent, dict):
+        parent[last] = value
+    elif isinstance(parent, list):
+        if last == "-":
+            parent.append(value)
+        else:
+            try:
+                i = int(last)
+            except ValueError:
+                raise PatchFailed("bad index " + last)
+            if i < 0 or i > len(parent):
+                raise PatchFailed("index out of range")
+            parent.insert(i, value)
+    else:
+        raise PatchFailed("cannot add to a scalar")
+    return doc
+
+
+def _remove(doc, toks):
+    if not toks:
+        raise PatchFailed("cannot remove the root")
+    parent = _walk(doc, toks[:-1])
+    last = toks[-1]
+    if isinstance(parent, dict):
+        if last not in parent:
+            raise PatchFailed("missing key " + last)
+        return parent.pop(last)
+    if isinstance(parent, list):
+        try:
+            return parent.pop(int(last))
+        except (ValueError, IndexError):
+            raise PatchFailed("bad index " + last)
+    raise PatchFailed("cannot remove from a scalar")
+
+
+def json_patch(doc, ops):
+    doc = deep(doc)
+    for op in ops:
+        if not isinstance(op, dict):
+            raise PatchFailed("operation is not an object")
+        kind = op.get("op")
+        toks = _pointer(op.get("path", ""))
+        if kind == "add":
+            doc = _add(doc, toks, deep(op.get("value")))
+        elif kind == "remove":
+            _remove(doc, toks)
+        elif kind == "replace":
+            _walk(doc, toks)  # must exist
+            if not toks:
+                doc = deep(op.get("value"))
+            else:
+                _remove(doc, toks)
+                doc = _add(doc, toks, deep(op.get("value")))
+        elif kind == "move":
+            v = _remove(doc, _pointer(op.get("from", "")))
+            doc = _add(doc, toks, v)
+        elif kind == "copy":
+            v = deep(_walk(doc, _pointer(op.get("from", ""))))
+            doc = _add(doc, toks, v)
+        elif kind == "test":
+            if _walk(doc, toks) != op.get("value"):
+                raise PatchFailed("testing value %s failed" % op.get("path"))
+        else:
+            raise PatchFailed("unexpected kind: %s" % kind)
+    return doc
+
+
+# --- managed fields (fieldsV1) and server-side apply -------------------------
+
+SYSTEM_META = ("name", "namespace", "uid", "resourceVersion", "generation",
+               "creationTimestamp", "managedFields", "selfLink",
+               "deletionTimestamp", "deletionGracePeriodSeconds")
+
+
+def strip_for_fields(obj, sub):
+    o = deep(obj) if isinstance(obj, dict) else {}
+    o.pop("apiVersion", None)
+    o.pop("kind", None)
+    md = o.get("metadata")
+    if isinstance(md, dict):
+        for k in SYSTEM_META:
+            md.pop(k, None)
+        if not md:
+            o.pop("metadata")
+    if sub == "":
+        o.pop("status", None)
+    elif sub == "status":
+        o = {"status": o["status"]} if o.get("status") else {}
+    elif sub == "scale":
+        spec = o.get("spec") or {}
+        o = {"spec": {"replicas": spec["replicas"]}} \
+            if "replicas" in spec else {}
+    return o
+
+
+def fieldset(obj, kind, mode):
+    """Field paths (tuples of fieldsV1 keys) an object sets.  mode "update"
+    also counts map nodes themselves, as Update operations record them."""
+    out = set()
+    atomic = ATOMIC_STRUCTS.get(kind, set())
+
+    def walk(v, path, sp):
+        if isinstance(v, dict):
+            if (not v or sp in atomic) and path:
+                out.add(path)
+                return
+            if mode == "update" and sp and sp[-1] in GRANULAR_MAPS:
+                out.add(path)
+            for k, x in v.items():
+                walk(x, path + ("f:" + k,), sp + (k,))
+        elif isinstance(v, list):
+            lk, _, keys = list_kind(sp)
+            if lk == "map" and all(isinstance(i, dict) for i in v):
+                for item in v:
+                    ip = path + ("k:" + key_json(item, keys),)
+                    out.add(ip)
+                    for k, x in item.items():
+                        walk(x, ip + ("f:" + k,), sp + (k,))
+            elif lk == "set":
+                for item in v:
+                    out.add(path + ("v:" + canon(item),))
+            else:
+                out.add(path)
+        elif path:
+            out.add(path)
+
+    walk(obj, (), ())
+    return out
+
+
+def leaves_of(s):
+    prefixes = set()
+    for p in s:
+        for i in range(1, len(p)):
+            prefixes.add(p[:i])
+    return {p for p in s if p not in prefixes}
+
+
+def value_at(obj, path):
+    cur = obj
+    for el in path:
+        if el.startswith("f:"):
+            if not isinstance(cur, dict) or el[2:] not in cur:
+                return MISSING
+            cur = cur[el[2:]]
+        elif el.startswith("k:"):
+            if not isinstance(cur, list):
+                return MISSING
+            want = json.loads(el[2:])
+            found = MISSING
+            for item in cur:
+                if isinstance(item, dict) and all(
+                        item.get(k, KEY_DEFAULTS.get(k)) == v
+                        for k, v in want.items()):
+                    found = item
+                    break
+            if found is MISSING:
+                return MISSING
+            cur = found
+        elif el.startswith("v:"):
+            val = json.loads(el[2:])
+            if not isinstance(cur, list) or val not in cur:
+                return MISSING
+            cur = val
+    return cur
+
+
+def remove_at(obj, path):
+    if not path:
+        return
+    parent = value_at(obj, path[:-1])
+    el = path[-1]
+    if el.startswith("f:") and isinstance(parent, dict):
+        parent.pop(el[2:], None)
+    elif el.startswith("k:") and isinstance(parent, list):
+        target = value_at(obj, path)
+        if target is not MISSING:
+            parent.remove(target)
+    elif el.startswith("v:") and isinstance(parent, list):
+        val = json.loads(el[2:])
+        if val in parent:
+            parent.remove(val)
+
+
+def set_to_fieldsv1(s):
+    root = {}
+    for p in s:
+        node = root
+        for el in p:
+            node = node.setdefault(el, {})
+    for p in s:
+        node = root
+        for el in p:
+            node = node[el]
+        if node and "." not in node:
+            node["."] = {}
+
+    def srt(n):
+        return {k: srt(n[k]) for k in sorted(n)}
+    return srt(root)
+
+
+def fieldsv1_to_set(tree, prefix=()):
+    out = set()
+    for k, sub in (tree or {}).items():
+        if k == ".":
+            out.add(prefix)
+            continue
+        p = prefix + (k,)
+        if not sub:
+            out.add(p)
+        else:
+            out |= fieldsv1_to_set(sub, p)
+    return out
+
+
+def mf_load(obj):
+    out = []
+    for e in (obj or {}).get("metadata", {}).get("managedFields") or []:
+        out.append({"manager": e.get("manager", ""),
+                    "operation": e.get("operation", "Update"),
+                    "apiVersion": e.get("apiVersion", ""),
+                    "time": e.get("time"),
+                    "subresource": e.get("subresource", ""),
+                    "fields": fieldsv1_to_set(e.get("fieldsV1"))})
+    return out
+
+
+def mf_store(obj, entries):
+    lst = []
+    for e in entries:
+        if not e["fields"]:
+            continue
+        d = {"manager": e["manager"], "operation": e["operation"],
+             "apiVersion": e["apiVersion"], "time": e["time"],
+             "fieldsType": "FieldsV1",
+             "fieldsV1": set_to_fieldsv1(e["fields"])}
+        if e["subresource"]:
+            d["subresource"] = e["subresource"]
+        lst.append(d)
+    md = obj.setdefault("metadata", {})
+    if lst:
+        md["managedFields"] = lst
+    else:
+        md.pop("managedFields", None)
+
+
+def mf_find(entries, manager, operation, sub):
+    for e in entries:
+        if (e["manager"], e["operation"], e["subresource"]) == \
+                (manager, operation, sub):
+            return e
+    return None
+
+
+def track_update(old, new, kind, manager, sub, apiv, when):
+    """An Update operation: the manager takes the fields it changed."""
+    entries = mf_load(old) if old else []
+    old_s = fieldset(strip_for_fields(old, sub), kind, "update") \
+        if old else set()
+    new_s = fieldset(strip_for_fields(new, sub), kind, "update")
+    new_leaves = leaves_of(new_s)
+    changed = set()
+    for p in new_s:
+        if p not in old_s:
+            changed.add(p)
+        elif p in new_leaves and value_at(old, p) != value_at(new, p):
+            changed.add(p)
+    removed = old_s - new_s
+    mine = mf_find(entries, manager, "Update", sub)
+    for e in entries:
+        e["fields"] -= removed
+        if e is not mine:
+            e["fields"] -= changed
+    if changed:
+        if mine is None:
+            mine = {"manager": manager, "operation": "Update",
+                    "apiVersion": apiv, "time": when, "subresource": sub,
+                    "fields": set()}
+            entries.append(mine)
+        mine["fields"] |= changed
+        mine["time"] = when
+        mine["apiVersion"] = apiv
+    mf_store(new, entries)
+
+
+def print_manager(e):
+    s = gostr(e["manager"])
+    if e["subresource"]:
+        s += " with subresource " + gostr(e["subresource"])
+    if e["operation"] == "Update":
+        s += " using " + e["apiVersion"]
+    return s
+
+
+def path_str(p):
+    out = ""
+    for el in p:
+        if el.startswith("f:"):
+            out += "." + el[2:]
+        elif el.startswith("k:"):
+            d = json.loads(el[2:])
+            out += "[" + ",".join("%s=%s" % (k, json.dumps(d[k]))
+                                  for k in sorted(d)) + "]"
+        elif el.startswith("v:"):
+            out += "[=" + el[2:] + "]"
+    return out
+
+
+def apply_conflict(conflicts):
+    causes = [{"reason": "FieldManagerConflict",
+               "message": "conflict with " + print_manager(e),
+               "field": path_str(p)} for e, p in conflicts]
+    if len(conflicts) == 1:
+        e, p = conflicts[0]
+        msg = "Apply failed with 1 conflict: conflict with %s: %s" % (
+            print_manager(e), path_str(p))
+    else:
+        groups = {}
+        for e, p in conflicts:
+            groups.setdefault(print_manager(e), []).append(path_str(p))
+        lines = []
+        for m in sorted(groups):
+            lines.append("conflicts with %s:" % m)
+            lines.extend("- " + x for x in groups[m])
+        msg = "Apply failed with %d conflicts: %s" % (len(conflicts),
+                                                      "\n".join(lines))
+    return k8s_status(409, "Conflict", msg, {"causes": causes})
+
+
+def apply_merge(live, cfg, kind, sp=()):
+    if isinstance(cfg, dict):
+        if not isinstance(live, dict) or sp in ATOMIC_STRUCTS.get(kind, ()):
+            return {k: apply_merge(MISSING, v, kind, sp + (k,))
+                    for k, v in cfg.items() if v is not None}
+        out = deep(live)
+        for k, v in cfg.items():
+            if v is None:
+                out.pop(k, None)
+            else:
+                out[k] = apply_merge(out.get(k, MISSING), v, kind, sp + (k,))
+        return out
+    if isinstance(cfg, list):
+        lk, _, keys = list_kind(sp)
+        if lk == "map" and isinstance(live, list):
+            out = deep(live)
+            for item in cfg:
+                if not isinstance(item, dict):
+                    continue
+                kj = key_json(item, keys)
+                idx = next((i for i, x in enumerate(out) if isinstance(x, dict)
+                            and key_json(x, keys) == kj), None)
+                if idx is None:
+                    out.append(apply_merge(MISSING, item, kind, sp))
+                else:
+                    out[idx] = apply_merge(out[idx], item, kind, sp)
+            return out
+        if lk == "set" and isinstance(live, list):
+            return deep(live) + [x for x in cfg if x not in live]
+        return deep(cfg)
+    return cfg
+
+
+def server_side_apply(live, cfg, kind, manager, force, apiv, when):
+    """Returns (merged object, managed field entries) or raises 409."""
+    entries = mf_load(live) if live else []
+    cfg_s = fieldset(strip_for_fields(cfg, ""), kind, "apply")
+    mine = mf_find(entries, manager, "Apply", "")
+    prev = set(mine["fields"]) if mine else set()
+    conflicts = []
+    if live:
+        leaves = leaves_of(cfg_s)
+        for e in entries:
+            if e is mine:
+                continue
+            for p in sorted(leaves & e["fields"]):
+                lv = value_at(live, p)
+                if lv is not MISSING and lv != value_at(cfg, p):
+                    conflicts.append((e, p))
+    if conflicts and not force:
+        raise apply_conflict(conflicts)
+    for e, p in conflicts:
+        e["fields"].discard(p)
+    others = set()
+    for e in entries:
+        if e is not mine:
+            others |= e["fields"]
+    new = deep(live) if live else {}
+    for p in sorted(prev - cfg_s - others, key=len, reverse=True):
+        if any(len(q) > len(p) and q[:len(p)] == p for q in others):
+            continue
+        remove_at(new, p)
+    new = apply_merge(new, cfg, kind)
+    if mine is None:
+        mine = {"manager": manager, "operation": "Apply", "apiVersion": apiv,
+                "time": when, "subresource": "", "fields": set()}
+        entries.append(mine)
+    mine["fields"] = cfg_s
+    mine["time"] = when
+    mine["apiVersion"] = apiv
+    return new, entries
+
+
+# --- label and field selectors -------------------------------------------
+
+SEL_KEY = r"[A-Za-z0-9][-A-Za-z0-9_./]*"
+
+
+def split_selector(s):
+    parts, depth, cur = [], 0, ""
+    for ch in s:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_label_selector(s):
+    reqs = []
+    for part in split_selector(s or ""):
+        m = re.match(r"^(%s)\s+(in|notin)\s+\(([^)]*)\)$" % SEL_KEY, part)
+        if m:
+            vals = {v.strip() for v in m.group(3).split(",") if v.strip()}
+            reqs.append((m.group(1), m.group(2), vals))
+            continue
+        m = re.match(r"^!\s*(%s)$" % SEL_KEY, part)
+        if m:
+            reqs.append((m.group(1), "!", None))
+            continue
+        m = re.match(r"^(%s)\s*(==|!=|=)\s*([-A-Za-z0-9_.]*)$" % SEL_KEY, part)
+        if m:
+            op = "!=" if m.group(2) == "!=" else "="
+            reqs.append((m.group(1), op, m.group(3)))
+            continue
+        m = re.match(r"^(%s)$" % SEL_KEY, part)
+        if m:
+            reqs.append((m.group(1), "exists", None))
+            continue
+        raise e_bad_request("unable to parse requirement: found '%s', "
+                            "expected: identifier" % part)
+    return reqs
+
+
+def labels_match(labels, reqs):
+    labels = labels or {}
+    for key, op, val in reqs:
+        have = key in labels
+        v = labels.get(key)
+        if op == "=" and v != val:
+            return False
+        if op == "!=" and have and v == val:
+            return False
+        if op == "in" and (not have or v not in val):
+            return False
+        if op == "notin" and have and v in val:
+            return False
+        if op == "exists" and not have:
+            return False
+        if op == "!" and have:
+            return False
+    return True
+
+
+def selector_string(sel):
+    """metav1.LabelSelectorAsSelector(...).String()"""
+    parts = []
+    for k, v in sorted((sel or {}).get("matchLabels", {}).items()):
+        parts.append("%s=%s" % (k, v))
+    for r in (sel or {}).get("matchExpressions", []) or []:
+        op = r.get("operator")
+        vals = ",".join(sorted(r.get("values") or []))
+        if op == "In":
+            parts.append("%s in (%s)" % (r.get("key"), vals))
+        elif op == "NotIn":
+            parts.append("%s notin (%s)" % (r.get("key"), vals))
+        elif op == "Exists":
+            parts.append(r.get("key"))
+        elif op == "DoesNotExist":
+            parts.append("!" + r.get("key"))
+    return ",".join(sorted(parts))
+
+
+def selector_reqs(sel):
+    if sel is None:
+        return None
+    return parse_label_selector(selector_string(sel))
+
+
+# --------------------------------------------------------------------------
+# Kubernetes kinds: defaults and validation (§3)
+
+
+class Res:
+    def __init__(self, group, resource, kind, namespaced, writable,
+                 short=(), create_on_update=False, name_rule="subdomain"):
+        self.group, self.resource, self.kind = group, resource, kind
+        self.namespaced, self.writable = namespaced, writable
+        self.short, self.create_on_update = short, create_on_update
+        self.name_rule = name_rule
+        self.api = group + "/v1" if group else "v1"
+
+
+RESOURCES = {
+    ("apps", "deployments"): Res("apps", "deployments", "Deployment", True,
+                                 True, ("deploy",)),
+    ("", "services"): Res("", "services", "Service", True, True, ("svc",),
+                          create_on_update=True, name_rule="dns1035"),
+    ("", "pods"): Res("", "pods", "Pod", True, False, ("po",)),
+    ("", "namespaces"): Res("", "namespaces", "Namespace", False, True,
+                            ("ns",), name_rule="label"),
+    ("", "nodes"): Res("", "nodes", "Node", False, False, ("no",)),
+}
+
+RE_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+RE_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+RE_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+MSG_SUBDOMAIN = (
+    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric "
+    "characters, '-' or '.', and must start and end with an alphanumeric "
+    "character (e.g. 'example.com', regex used for validation is "
+    "'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')")
+MSG_LABEL = (
+    "a lowercase RFC 1123 label must consist of lower case alphanumeric "
+    "characters or '-', and must start and end with an alphanumeric "
+    "character (e.g. 'my-name',  or '123-abc', regex used for validation is "
+    "'[a-z0-9]([-a-z0-9]*[a-z0-9])?')")
+MSG_1035 = (
+    "a DNS-1035 label must consist of lower case alphanumeric characters or "
+    "'-', start with an alphabetic character, and end with an alphanumeric "
+    "character (e.g. 'my-name',  or 'abc-123', regex used for validation is "
+    "'[a-z]([-a-z0-9]*[a-z0-9])?')")
+
+DEPLOYMENT_SPEC_ORDER = ("replicas", "selector", "template", "strategy",
+                         "minReadySeconds", "revisionHistoryLimit", "paused",
+                         "progressDeadlineSeconds")
+POD_SPEC_ORDER = (
+    "volumes", "initContainers", "containers", "ephemeralContainers",
+    "restartPolicy", "terminationGracePeriodSeconds", "activeDeadlineSeconds",
+    "dnsPolicy", "nodeSelector", "serviceAccountName", "serviceAccount",
+    "automountServiceAccountToken", "nodeName", "hostNetwork", "hostPID",
+    "hostIPC", "shareProcessNamespace", "securityContext", "imagePullSecrets",
+    "hostname", "subdomain", "affinity", "schedulerName", "tolerations",
+    "hostAliases", "priorityClassName", "priority", "dnsConfig",
+    "readinessGates", "runtimeClassName", "enableServiceLinks",
+    "preemptionPolicy", "overhead", "topologySpreadConstraints")
+CONTAINER_ORDER = (
+    "name", "image", "command", "args", "workingDir", "ports", "envFrom",
+    "env", "resources", "resizePolicy", "restartPolicy", "volumeMounts",
+    "volumeDevices", "livenessProbe", "readinessProbe", "startupProbe",
+    "lifecycle", "terminationMessagePath", "terminationMessagePolicy",
+    "imagePullPolicy", "securityContext", "stdin", "stdinOnce", "tty")
+SERVICE_SPEC_ORDER = (
+    "ports", "selector", "clusterIP", "clusterIPs", "type", "externalIPs",
+    "sessionAffinity", "loadBalancerIP", "loadBalancerSourceRanges",
+    "externalName", "externalTrafficPolicy", "healthCheckNodePort",
+    "publishNotReadyAddresses", "sessionAffinityConfig", "ipFamilies",
+    "ipFamilyPolicy", "allocateLoadBalancerNodePorts", "loadBalancerClass",
+    "internalTrafficPolicy", "trafficDistribution")
+SERVICE_PORT_ORDER = ("name", "protocol", "appProtocol", "port", "targetPort",
+                      "nodePort")
+META_ORDER = ("name", "generateName", "namespace", "selfLink", "uid",
+              "resourceVersion", "generation", "creationTimestamp",
+              "deletionTimestamp", "deletionGracePeriodSeconds", "labels",
+              "annotations", "ownerReferences", "finalizers", "managedFields")
+TOP_ORDER = ("kind", "apiVersion", "metadata", "spec", "status")
+
+
+def image_pull_policy(image):
+    name = image.split("@")[0]
+    tag = name.rsplit("/", 1)[-1]
+    if "@" in image:
+        return "IfNotPresent"
+    if ":" not in tag or tag.endswith(":latest"):
+        return "Always"
+    return "IfNotPresent"
+
+
+def default_pod_spec(ps):
+    if not isinstance(ps, dict):
+        return ps
+    for lst in ("initContainers", "containers"):
+        for c in ps.get(lst) or []:
+            if not isinstance(c, dict):
+                continue
+            c.setdefault("resources", {})
+            c.setdefault("terminationMessagePath", "/dev/termination-log")
+            c.setdefault("terminationMessagePolicy", "File")
+            if isinstance(c.get("image"), str):
+                c.setdefault("imagePullPolicy", image_pull_policy(c["image"]))
+            for p in c.get("ports") or []:
+                if isinstance(p, dict):
+                    p.setdefault("protocol", "TCP")
+            c_ordered = ordered(c, CONTAINER_ORDER)
+            c.clear()
+            c.update(c_ordered)
+    ps.setdefault("restartPolicy", "Always")
+    ps.setdefault("terminationGracePeriodSeconds", 30)
+    ps.setdefault("dnsPolicy", "ClusterFirst")
+    ps.setdefault("securityContext", {})
+    ps.setdefault("schedulerName", "default-scheduler")
+    return ordered(ps, POD_SPEC_ORDER)
+
+
+def default_deployment(d):
+    spec = d.get("spec")
+    if not isinstance(spec, dict):
+        spec = d["spec"] = {}
+    if spec.get("replicas") is None:
+        spec["replicas"] = 1
+    st = spec.get("strategy")
+    if not isinstance(st, dict):
+        st = spec["strategy"] = {}
+    if not st.get("type"):
+        st["type"] = "RollingUpdate"
+    if st["type"] == "RollingUpdate":
+        ru = st.get("rollingUpdate")
+        if not isinstance(ru, dict):
+            ru = st["rollingUpdate"] = {}
+        ru.setdefault("maxUnavailable", "25%")
+        ru.setdefault("maxSurge", "25%")
+        st["rollingUpdate"] = ordered(ru, ("maxUnavailable", "maxSurge"))
+    spec["strategy"] = ordered(st, ("type", "rollingUpdate"))
+    spec.setdefault("revisionHistoryLimit", 10)
+    spec.setdefault("progressDeadlineSeconds", 600)
+    tmpl = spec.get("template")
+    if isinstance(tmpl, dict):
+        if isinstance(tmpl.get("spec"), dict):
+            tmpl["spec"] = default_pod_spec(tmpl["spec"])
+        spec["template"] = ordered(tmpl, ("metadata", "spec"))
+    d["spec"] = ordered(spec, DEPLOYMENT_SPEC_ORDER)
+
+
+def default_service(s):
+    spec = s.get("spec")
+    if not isinstance(spec, dict):
+        spec = s["spec"] = {}
+    typ = spec.get("type") or "ClusterIP"
+    spec["type"] = typ
+    spec.setdefault("sessionAffinity", "None")
+    ports = spec.get("ports")
+    if isinstance(ports, list):
+        for i, p in enumerate(ports):
+            if not isinstance(p, dict):
+                continue
+            p.setdefault("protocol", "TCP")
+            if p.get("targetPort") in (None, 0, "") and \
+                    isinstance(p.get("port"), int):
+                p["targetPort"] = p["port"]
+            ports[i] = ordered(p, SERVICE_PORT_ORDER)
+    if typ != "ExternalName":
+        spec.setdefault("internalTrafficPolicy", "Cluster")
+        if spec.get("clusterIP") != "None" or spec.get("ipFamilies"):
+            spec.setdefault("ipFamilies", ["IPv4"])
+        spec.setdefault("ipFamilyPolicy", "SingleStack")
+    if typ in ("NodePort", "LoadBalancer"):
+        spec.setdefault("externalTrafficPolicy", "Cluster")
+    if typ == "LoadBalancer":
+        spec.setdefault("allocateLoadBalancerNodePorts", True)
+    s["spec"] = ordered(spec, SERVICE_SPEC_ORDER)
+
+
+def int_or_percent(v, total, round_up):
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str) and v.endswith("%"):
+        try:
+            pct = int(v[:-1])
+        except ValueError:
+            return 0
+        x = pct * total / 100.0
+        return int(-(-x // 1)) if round_up else int(x // 1)
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return 0
+
+
+def label_selector_go(sel):
+    ml = (sel or {}).get("matchLabels")
+    me = (sel or {}).get("matchExpressions")
+    mls = go_repr(ml) if ml else "map[string]string(nil)"
+    mes = "[]v1.LabelSelectorRequirement(nil)" if not me else \
+        "[]v1.LabelSelectorRequirement{...}"
+    return "v1.LabelSelector{MatchLabels:%s, MatchExpressions:%s}" % (mls,
+                                                                      mes)
+
+
+def validate_name(md, rule):
+    errs = []
+    name = md.get("name")
+    if not name:
+        errs.append(FieldError(FieldError.REQUIRED, "metadata.name",
+                               detail="name or generateName is required"))
+        return errs
+    if rule == "dns1035":
+        ok, msg, mx = RE_1035.match(name), MSG_1035, 63
+    elif rule == "label":
+        ok, msg, mx = RE_LABEL.match(name), MSG_LABEL, 63
+    else:
+        ok, msg, mx = RE_SUBDOMAIN.match(name), MSG_SUBDOMAIN, 253
+    if len(name) > mx:
+        errs.append(FieldError(FieldError.INVALID, "metadata.name", name,
+                               "must be no more than %d characters" % mx))
+    if not ok:
+        errs.append(FieldError(FieldError.INVALID, "metadata.name", name,
+                               msg))
+    return errs
+
+
+def validate_containers(ps, base):
+    errs = []
+    containers = ps.get("containers")
+    if not containers:
+        errs.append(FieldError(FieldError.REQUIRED, base + ".containers"))
+        return errs
+    seen = set()
+    for i, c in enumerate(containers):
+        f = "%s.containers[%d]" % (base, i)
+        name = c.get("name")
+        if not name:
+            errs.append(FieldError(FieldError.REQUIRED, f + ".name"))
+        elif not RE_LABEL.match(name) or len(name) > 63:
+            errs.append(FieldError(FieldError.INVALID, f + ".name", name,
+                                   MSG_LABEL))
+        elif name in seen:
+            errs.append(FieldError(FieldError.DUPLICATE, f + ".name", name))
+        seen.add(name)
+        image = c.get("image")
+        if not isinstance(image, str) or not image.strip():
+            errs.append(FieldError(FieldError.REQUIRED, f + ".image"))
+        for j, p in enumerate(c.get("ports") or []):
+            pf = "%s.ports[%d]" % (f, j)
+            cp = p.get("containerPort")
+            if not isinstance(cp, int) or not 1 <= cp <= 65535:
+                errs.append(FieldError(FieldError.INVALID,
+                                       pf + ".containerPort", cp,
+                                       "must be between 1 and 65535, "
+                                       "inclusive"))
+            if p.get("protocol") not in ("TCP", "UDP", "SCTP"):
+                errs.append(FieldError(FieldError.UNSUPPORTED,
+                                       pf + ".protocol", p.get("protocol"),
+                                       'supported values: "SCTP", "TCP", '
+                                       '"UDP"'))
+        ipp = c.get("imagePullPolicy")
+        if ipp not in ("Always", "IfNotPresent", "Never"):
+            errs.append(FieldError(FieldError.UNSUPPORTED,
+                                   f + ".imagePullPolicy", ipp,
+                                   'supported values: "Always", '
+                                   '"IfNotPresent", "Never"'))
+    return errs
+
+
+def validate_deployment(d, old):
+    md = d.get("metadata") or {}
+    errs = validate_name(md, "subdomain")
+    spec = d.get("spec") or {}
+    rep = spec.get("replicas")
+    if isinstance(rep, int) and rep < 0:
+        errs.append(FieldError(FieldError.INVALID, "spec.replicas", rep,
+                               "must be greater than or equal to 0"))
+    sel = spec.get("selector")
+    if sel is None:
+        errs.append(FieldError(FieldError.REQUIRED, "spec.selector"))
+    elif not (sel.get("matchLabels") or sel.get("matchExpressions")):
+        errs.append(FieldError(FieldError.INVALID, "spec.selector", sel,
+                               "empty selector is invalid for deployment",
+                               legacy_repr=label_selector_go(sel)))
+    tmpl = spec.get("template") or {}
+    labels = (tmpl.get("metadata") or {}).get("labels") or {}
+    reqs = selector_reqs(sel)
+    # A nil selector selects nothing (and is not "empty"), so it never matches.
+    if reqs is None or (reqs and not labels_match(labels, reqs)):
+        errs.append(FieldError(FieldError.INVALID,
+                               "spec.template.metadata.labels", labels,
+                               "`selector` does not match template `labels`"))
+    ps = tmpl.get("spec") or {}
+    errs.extend(validate_containers(ps, "spec.template.spec"))
+    if ps.get("restartPolicy", "Always") != "Always":
+        errs.append(FieldError(FieldError.UNSUPPORTED,
+                               "spec.template.spec.restartPolicy",
+                               ps.get("restartPolicy"),
+                               'supported values: "Always"'))
+    st = spec.get("strategy") or {}
+    if st.get("type") not in ("Recreate", "RollingUpdate"):
+        errs.append(FieldError(FieldError.UNSUPPORTED, "spec.strategy.type",
+                               st.get("type"), 'supported values: '
+                               '"Recreate", "RollingUpdate"'))
+    elif st["type"] == "Recreate" and st.get("rollingUpdate") is not None:
+        errs.append(FieldError(FieldError.FORBIDDEN,
+                               "spec.strategy.rollingUpdate",
+                               detail="may not be specified when strategy "
+                               "`type` is 'Recreate'"))
+    elif st["type"] == "RollingUpdate":
+        ru = st.get("rollingUpdate") or {}
+        # validation looks at the literal values, not resolved ones
+        if int_or_percent(ru.get("maxSurge"), 100, True) == 0 and \
+                int_or_percent(ru.get("maxUnavailable"), 100, False) == 0:
+            errs.append(FieldError(FieldError.INVALID,
+                                   "spec.strategy.rollingUpdate."
+                                   "maxUnavailable", ru.get("maxUnavailable"),
+                                   "may not be 0 when `maxSurge` is 0"))
+    rhl = spec.get("revisionHistoryLimit")
+    if isinstance(rhl, int) and rhl < 0:
+        errs.append(FieldError(FieldError.INVALID,
+                               "spec.revisionHistoryLimit", rhl,
+                               "must be greater than or equal to 0"))
+    pds = spec.get("progressDeadlineSeconds")
+    if isinstance(pds, int) and pds <= (spec.get("minReadySeconds") or 0):
+        errs.append(FieldError(FieldError.INVALID,
+                               "spec.progressDeadlineSeconds", pds,
+                               "must be greater than minReadySeconds"))
+    if old is not None:
+        osel = (old.get("spec") or {}).get("selector")
+        if sel is not None and canon(osel) != canon(sel):
+            errs.append(FieldError(FieldError.INVALID, "spec.selector", sel,
+                                   "field is immutable",
+                                   legacy_repr=label_selector_go(sel)))
+    return errs
+
+
+def validate_service(s, old):
+    md = s.get("metadata") or {}
+    errs = validate_name(md, "dns1035")
+    spec = s.get("spec") or {}
+    typ = spec.get("type")
+    if typ not in ("ClusterIP", "ExternalName", "LoadBalancer", "NodePort"):
+        errs.append(FieldError(FieldError.UNSUPPORTED, "spec.type", typ,
+                               'supported values: "ClusterIP", '
+                               '"ExternalName", "LoadBalancer", "NodePort"'))
+    ports = spec.get("ports") or []
+    if not ports and typ != "ExternalName" and spec.get("clusterIP") != "None":
+        errs.append(FieldError(FieldError.REQUIRED, "spec.ports"))
+    seen = set()
+    for i, p in enumerate(ports):
+        f = "spec.ports[%d]" % i
+        name = p.get("name")
+        if len(ports) > 1 and not name:
+            errs.append(FieldError(FieldError.REQUIRED, f + ".name"))
+        elif name and not RE_1035.match(name) and not RE_LABEL.match(name):
+            errs.append(FieldError(FieldError.INVALID, f + ".name", name,
+                                   MSG_LABEL))
+        port = p.get("port")
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            errs.append(FieldError(FieldError.INVALID, f + ".port", port,
+                                   "must be between 1 and 65535, inclusive"))
+        proto = p.get("protocol")
+        if proto not in ("TCP", "UDP", "SCTP"):
+            errs.append(FieldError(FieldError.UNSUPPORTED, f + ".protocol",
+                                   proto, 'supported values: "SCTP", "TCP", '
+                                   '"UDP"'))
+        key = (port, proto)
+        if key in seen:
+            errs.append(FieldError(FieldError.DUPLICATE, f, {
+                "port": port, "protocol": proto}))
+        seen.add(key)
+        tp = p.get("targetPort")
+        if isinstance(tp, int) and not 1 <= tp <= 65535:
+            errs.append(FieldError(FieldError.INVALID, f + ".targetPort", tp,
+                                   "must be between 1 and 65535, inclusive"))
+        if p.get("nodePort") and typ in ("ClusterIP", "ExternalName"):
+            errs.append(FieldError(FieldError.FORBIDDEN, f + ".nodePort",
+                                   detail="may not be used when `type` is "
+                                   "'%s'" % typ))
+    return errs
+
+
+def validate_namespace(n, old):
+    return validate_name(n.get("metadata") or {}, "label")
+
+
+def type_errors(obj, res):
+    """The decode errors a Go struct unmarshal would report (a subset)."""
+    def bad(field, gofield, gotype, v):
+        jt = {bool: "bool", str: "string", list: "array", dict: "object",
+              float: "number", int: "number"}.get(type(v), "value")
+        return "json: cannot unmarshal %s into Go struct field %s of type %s" \
+            % (jt, gofield + "." + field, gotype)
+    md = obj.get("metadata")
+    if md is not None and not isinstance(md, dict):
+        return bad("metadata", res.kind, "v1.ObjectMeta", md)
+    md = md or {}
+    for f in ("labels", "annotations"):
+        v = md.get(f)
+        if v is not None and (not isinstance(v, dict) or not all(
+                isinstance(x, str) for x in v.values())):
+            return bad(f, "ObjectMeta.metadata", "map[string]string", v)
+    spec = obj.get("spec")
+    if spec is not None and not isinstance(spec, dict):
+        return bad("spec", res.kind, res.kind + "Spec", spec)
+    spec = spec or {}
+    if res.kind == "Deployment":
+        r = spec.get("replicas")
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool)):
+            return bad("replicas", "DeploymentSpec.spec", "int32", r)
+        t = spec.get("template")
+        if t is not None and not isinstance(t, dict):
+            return bad("template", "DeploymentSpec.spec",
+                       "v1.PodTemplateSpec", t)
+        sel = spec.get("selector")
+        if sel is not None and not isinstance(sel, dict):
+            return bad("selector", "DeploymentSpec.spec",
+                       "v1.LabelSelector", sel)
+        ps = (t or {}).get("spec")
+        if ps is not None and not isinstance(ps, dict):
+            return bad("spec", "PodTemplateSpec.spec.template", "v1.PodSpec",
+                       ps)
+        cs = (ps or {}).get("containers")
+        if cs is not None and (not isinstance(cs, list) or not all(
+                isinstance(c, dict) for c in cs)):
+            return bad("containers", "PodSpec.spec.template.spec",
+                       "[]v1.Container", cs)
+    if res.kind == "Service":
+        ports = spec.get("ports")
+        if ports is not None and (not isinstance(ports, list) or not all(
+                isinstance(p, dict) for p in ports)):
+            return bad("ports", "ServiceSpec.spec", "[]v1.ServicePort", ports)
+        for p in ports or []:
+            for f in ("port", "nodePort"):
+                v = p.get(f)
+                if v is not None and (not isinstance(v, int)
+                                      or isinstance(v, bool)):
+                    return bad(f, "ServicePort.spec.ports", "int32", v)
+        sel = spec.get("selector")
+        if sel is not None and not isinstance(sel, dict):
+            return bad("selector", "ServiceSpec.spec", "map[string]string",
+                       sel)
+    return None
