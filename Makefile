@@ -15,7 +15,8 @@ SANITIZE := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-r
 DEB_BUILD := gcc make pkg-config liblua5.4-dev libssh-dev libcurl4-openssl-dev \
              lua-cjson-dev libedit-dev
 DEB_RUN   := lua5.4 lua-cjson lua-yaml lua-busted lua-check luarocks \
-             openssh-server openssh-client openssl python3 procps iproute2 ca-certificates
+             openssh-server openssh-client openssl python3 procps iproute2 ca-certificates \
+             ansible-core docker.io debootstrap
 
 .PHONY: all deps test asan-test lint rock-test install uninstall clean
 

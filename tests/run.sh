@@ -9,6 +9,7 @@ shift || true
 bin=$(readlink -f "$bin")
 
 tmp=$(mktemp -d /tmp/kengine-test.XXXXXX)
+chmod 755 "$tmp"   # the loopback sshd user reaches target paths under it
 https_pid=
 cleanup() {
   tests/support/sshd.sh stop "$tmp/sshd" >/dev/null 2>&1 || true

@@ -27,6 +27,24 @@ local M = {
   run = core.run,
 }
 
+-- recipes, resources, secrets (loaded on first use: plain scripts don't pay for them)
+local lazy = {
+  recipe = function() return require("kengine.recipe").recipe end,
+  resource = function() return require("kengine.recipe").resource end,
+  include = function() return require("kengine.recipe").include end,
+  secret = function() return require("kengine.secret").new end,
+  secret_env = function() return require("kengine.secret").from_env end,
+  resources = function() return require("kengine.resources") end,
+}
+setmetatable(M, { __index = function(t, key)
+  local f = lazy[key]
+  if not f then return nil end
+  local v = f()
+  rawset(t, key, v)
+  if key == "recipe" or key == "resource" then require("kengine.resources") end
+  return v
+end })
+
 --- Run fn(item, i) for every item concurrently.
 -- @return results in the order of list (the first value each call returned),
 -- and a table of errors by index, or nil when none failed
