@@ -79,7 +79,7 @@ static void *worker(void *arg) {
   worker_t *w = arg;
   ssh_session s;
   ssh_key key = NULL;
-  long nodelay = 1;
+  long nodelay = 1, timeout = 30; /* seconds; kengine_bench.lua uses the same */
   int verbosity = SSH_LOG_NOLOG, i;
   double t0 = now_ms();
 
@@ -91,6 +91,7 @@ static void *worker(void *arg) {
   ssh_options_set(s, SSH_OPTIONS_USER, user);
   ssh_options_set(s, SSH_OPTIONS_KNOWNHOSTS, known_hosts);
   ssh_options_set(s, SSH_OPTIONS_NODELAY, &nodelay);
+  ssh_options_set(s, SSH_OPTIONS_TIMEOUT, &timeout);
   {
     int no = 0; /* no ~/.ssh/config: measure exactly what is asked */
     ssh_options_set(s, SSH_OPTIONS_PROCESS_CONFIG, &no);

@@ -8,6 +8,10 @@
 -- over its one session.  With N = 1 this is the sequential measure: connect +
 -- auth, then M execs over the open session.
 --
+-- Experiment: KENGINE_BENCH_GCPAUSE=P runs collectgarbage("incremental", P)
+-- first (Lua's default pause is 200: a new cycle starts when the heap has
+-- doubled).
+--
 -- Prints a summary and, last, one machine-readable line in the same format as
 -- bench/floor.c:
 --   RESULT tool=kengine n=N m=M wall_s=... connect_mean_ms=... connect_median_ms=...
@@ -26,6 +30,9 @@ if not dir or not n or not m or n < 1 or n > MAX_N or m < 1 or m > MAX_M then
     :format(MAX_N, MAX_M))
   os.exit(2)
 end
+
+local gcpause = math.tointeger(tonumber(os.getenv("KENGINE_BENCH_GCPAUSE") or ""))
+if gcpause then collectgarbage("incremental", gcpause) end
 
 local function first_line(name)
   local f = assert(io.open(dir .. "/" .. name))

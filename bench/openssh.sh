@@ -51,7 +51,9 @@ work=$(mktemp -d /tmp/kgb-ssh.XXXXXX)
 stop_masters() {
     local i
     for ((i = 1; i <= n; i++)); do
-        [[ -S $work/c$i ]] && ssh "${ssh_opts[@]}" -S "$work/c$i" -O exit "$host" >/dev/null 2>&1 || true
+        if [[ -S $work/c$i ]]; then
+            ssh "${ssh_opts[@]}" -S "$work/c$i" -O exit "$host" >/dev/null 2>&1 || true
+        fi
     done
 }
 cleanup() {
@@ -62,9 +64,12 @@ trap cleanup EXIT
 
 usec() { local t=${EPOCHREALTIME/./}; echo $((10#$t)); }
 
+# CMD is a remote command line on purpose, hence no escaping.
+# shellcheck disable=SC2029
 # One host: master, then M commands; timings (us) to files, errors to err.$i.
 host_job() {
-    local i=$1 j t0 t1 sock=$work/c$i
+    local i=$1 j t0 t1 sock
+    sock=$work/c$i
     if [[ $mux == yes ]]; then
         t0=$(usec)
         if ! ssh "${ssh_opts[@]}" -f -N -M -S "$sock" -o ControlPersist=no "$host" \

@@ -10,7 +10,12 @@
 #   floor    bench/floor.c, blocking libssh, one thread per session
 #   kengine  bench/kengine_bench.lua, one process, one task per session
 #   openssh  bench/openssh.sh, one ControlMaster per session, `ssh -S` per command
-# plus one reference row: openssh without multiplexing (a new `ssh` per command).
+# plus one reference row: openssh without multiplexing (a new `ssh` per command),
+# and, unless EXTRAS=0, experiments (not used for the goals):
+#   floor+quickack, kengine+quickack   N=1: TCP_QUICKACK before every poll()
+#                                      (LD_PRELOAD bench/quickack.c; see there)
+#   floor, kengine, kengine+gc100      N=100, M=100: does RSS grow with the
+#                                      number of commands? (+gc100: Lua GC pause 100)
 # Each run goes through GNU time (wall, user+sys CPU, peak RSS); the CPU the
 # loopback sshd spent on the run is read from the listener's /proc stat
 # (cutime+cstime: its per-connection children are reaped by it).
@@ -26,6 +31,7 @@ cd "$(dirname "$0")/.."
 NS=${NS:-"1 10 100"}
 MS=${MS:-"1 20"}
 REPEATS=${REPEATS:-5}
+EXTRAS=${EXTRAS:-1}
 RUN_TIMEOUT=${RUN_TIMEOUT:-600}
 OUT=bench/out
 TIME=/usr/bin/time
@@ -47,7 +53,9 @@ fi
 
 mkdir -p "$OUT"
 make -s kengine >&2
+# shellcheck disable=SC2046 # pkg-config output is meant to split
 cc -O2 -Wall bench/floor.c -o "$OUT/floor" $(pkg-config --cflags --libs libssh)
+cc -O2 -Wall -shared -fPIC bench/quickack.c -o "$OUT/quickack.so" -ldl
 
 SSHD_DIR=$(mktemp -d /tmp/kgb-sshd.XXXXXX)
 cleanup() {
@@ -94,16 +102,22 @@ meta="$(uname -srm); $(nproc) CPUs; $(grep -m1 'model name' /proc/cpuinfo | cut 
 {
     echo "# $(date -u +%FT%TZ) $meta"
     echo "# $(./kengine --version | tr '\n' ' ')| client $(ssh -V 2>&1)"
+    echo "# commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- engine bindings lib 2>/dev/null || echo ' + uncommitted engine changes')"
 } >>"$raw"
 
 # run TOOL N M REP
 run() {
     local tool=$1 n=$2 m=$3 rep=$4 cmd rc=0 s0 s1 result timing
     local log=$OUT/$tool-n$n-m$m-r$rep
+    local floor=("$OUT/floor" -H 127.0.0.1 -p "$port" -u "$user" -i "$SSHD_DIR/id_ed25519"
+        -k "$SSHD_DIR/known_hosts" -n "$n" -m "$m")
+    local kengine=(./kengine run bench/kengine_bench.lua "$SSHD_DIR" "$n" "$m")
     case $tool in
-    floor) cmd=("$OUT/floor" -H 127.0.0.1 -p "$port" -u "$user" -i "$SSHD_DIR/id_ed25519"
-        -k "$SSHD_DIR/known_hosts" -n "$n" -m "$m") ;;
-    kengine) cmd=(./kengine run bench/kengine_bench.lua "$SSHD_DIR" "$n" "$m") ;;
+    floor) cmd=("${floor[@]}") ;;
+    kengine) cmd=("${kengine[@]}") ;;
+    floor+quickack) cmd=(env LD_PRELOAD="$PWD/$OUT/quickack.so" "${floor[@]}") ;;
+    kengine+quickack) cmd=(env LD_PRELOAD="$PWD/$OUT/quickack.so" "${kengine[@]}") ;;
+    kengine+gc100) cmd=(env KENGINE_BENCH_GCPAUSE=100 "${kengine[@]}") ;;
     openssh) cmd=(env OPENSSH_MUX=yes bench/openssh.sh "$SSHD_DIR" "$n" "$m") ;;
     openssh-nomux) cmd=(env OPENSSH_MUX=no bench/openssh.sh "$SSHD_DIR" "$n" "$m") ;;
     *) die "unknown tool $tool" ;;
@@ -116,7 +130,8 @@ run() {
     s1=$(sshd_ticks)
     result=$(grep '^RESULT ' "$log.out" | tail -1 | cut -d' ' -f2- || true)
     timing=$(grep '^TIME ' "$log.time" | tail -1 | cut -d' ' -f2- || true)
-    [[ -n $result ]] || result="tool=$tool n=$n m=$m errors=$n"
+    [[ -n $result ]] || result="n=$n m=$m errors=$n"
+    result="tool=$tool ${result#tool=* }" # the variant's name, not the program's
     echo "$result $timing rep=$rep rc=$rc sshd_cpu_s=$(awk -v t=$((s1 - s0)) -v c="$clk" 'BEGIN{printf "%.2f", t/c}')" >>"$raw"
     if ((rc != 0)); then
         echo "bench/run.sh: $tool N=$n M=$m rep $rep exited $rc:" >&2
@@ -135,7 +150,12 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
         done
     done
     # Reference: no multiplexing, a new connection per command.
-    run openssh-nomux 1 "$(echo $MS | tr ' ' '\n' | sort -n | tail -1)" "$rep"
+    mmax=$(tr ' ' '\n' <<<"$MS" | sort -n | tail -1)
+    run openssh-nomux 1 "$mmax" "$rep"
+    if [[ $EXTRAS == 1 ]]; then
+        for tool in floor+quickack kengine+quickack; do run "$tool" 1 "$mmax" "$rep"; done
+        for tool in floor kengine kengine+gc100; do run "$tool" 100 100 "$rep"; done
+    fi
 done
 
 python3 bench/report.py "$raw" >"$OUT/results.md"
