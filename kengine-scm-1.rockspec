@@ -17,6 +17,7 @@ lua5.4.  The `kengine` binary is built with `make`.]],
 dependencies = {
   "lua >= 5.4",
   "lua-cjson",
+  "lyaml",
 }
 external_dependencies = {
   LIBSSH = { header = "libssh/libssh.h" },
@@ -50,11 +51,25 @@ build = {
       libraries = { "edit" }, incdirs = { "$(LIBEDIT_INCDIR)" }, libdirs = { "$(LIBEDIT_LIBDIR)" },
     },
     -- Lua modules (tests/rock.sh checks that every file under lib/ is listed)
-    ["kengine"] = "lib/kengine/init.lua",
     ["kengine.cli"] = "lib/kengine/cli.lua",
+    ["kengine.diff"] = "lib/kengine/diff.lua",
+    ["kengine.docker"] = "lib/kengine/docker.lua",
+    ["kengine.host"] = "lib/kengine/host.lua",
+    ["kengine"] = "lib/kengine/init.lua",
+    ["kengine.inventory"] = "lib/kengine/inventory.lua",
     ["kengine.json"] = "lib/kengine/json.lua",
+    ["kengine.lab"] = "lib/kengine/lab.lua",
     ["kengine.pretty"] = "lib/kengine/pretty.lua",
+    ["kengine.recipe"] = "lib/kengine/recipe.lua",
     ["kengine.repl"] = "lib/kengine/repl.lua",
+    ["kengine.report"] = "lib/kengine/report.lua",
+    ["kengine.resources.file"] = "lib/kengine/resources/file.lua",
+    ["kengine.resources"] = "lib/kengine/resources/init.lua",
+    ["kengine.resources.line"] = "lib/kengine/resources/line.lua",
+    ["kengine.resources.template"] = "lib/kengine/resources/template.lua",
+    ["kengine.runner"] = "lib/kengine/runner.lua",
+    ["kengine.secret"] = "lib/kengine/secret.lua",
+    ["kengine.template"] = "lib/kengine/template.lua",
   },
 }
 test = {

@@ -74,4 +74,62 @@ function H.connections_to(port)
   return tonumber(r.stdout)
 end
 
+--- The lab for this test run: `kengine lab up 3 --name kgtest`, made once
+-- (tests/run.sh removes it at exit).  Returns {name, inventory (path),
+-- hosts = {name -> {host, port, user, vars}}, ssh = {identity, known_hosts}}.
+function H.lab()
+  if H._lab then return H._lab end
+  local name = k.getenv("KG_TEST_LAB") or "kgtest"
+  local r = H.kengine({ "lab", "up", "3", "--name", name })
+  assert(r.code == 0, "kengine lab up failed:\n" .. r.stdout .. r.stderr)
+  local p = H.kengine({ "lab", "inventory", "--name", name })
+  assert(p.code == 0, p.stderr)
+  local path = p.stdout:gsub("%s+$", "")
+  local inv = assert(loadfile(path, "t", {}))()
+  H._lab = { name = name, inventory = path, hosts = inv.hosts, ssh = inv.ssh, groups = inv.groups }
+  return H._lab
+end
+
+--- A direct SSH session to a lab host (for checking state independently of resources).
+function H.lab_connect(host)
+  local lab = H.lab()
+  local hv = assert(lab.hosts[host], "no lab host " .. host)
+  return assert(k.ssh.connect { host = hv.host, port = hv.port, user = hv.user or "root",
+    identity = lab.ssh.identity, known_hosts = lab.ssh.known_hosts, config = false, timeout = 30 })
+end
+
+--- Run a recipe file on the lab with extra kengine arguments.
+-- @return code, stdout, stderr, events (decoded --json lines)
+function H.lab_run(recipe_path, args)
+  local lab = H.lab()
+  local json_path = H.tmpdir("events") .. "/events.json"
+  local argv = { "run", recipe_path, "-i", lab.inventory, "--json", json_path }
+  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
+  local r = H.kengine(argv)
+  local events = {}
+  for line in (k.read_file(json_path) or ""):gmatch("[^\n]+") do events[#events + 1] = assert(k.json.decode(line)) end
+  return r.code, r.stdout, r.stderr, events
+end
+
+--- Step events of a run, optionally for one host.
+function H.steps(events, host)
+  local out = {}
+  for _, e in ipairs(events) do
+    if e.event == "step" and (not host or e.host == host) then out[#out + 1] = e end
+  end
+  return out
+end
+
+--- The recap event's per-host counts.
+function H.recap(events)
+  for _, e in ipairs(events) do if e.event == "recap" then return e.hosts end end
+end
+
+--- Write a recipe into a temp file and return its path.
+function H.recipe(body, name)
+  local path = H.tmpdir("recipe") .. "/" .. (name or "recipe") .. ".lua"
+  assert(k.write_file(path, body))
+  return path
+end
+
 return H
