@@ -1,7 +1,13 @@
 --- The built-in resources: requiring this declares them all.
 -- @module kengine.resources
 local M = {}
-for _, name in ipairs({ "file", "line", "template" }) do
-  M[name] = require("kengine.resources." .. name)
+
+M.NAMES = { "file", "line", "template", "package", "apt_repository", "service", "download", "wait_for",
+  "command", "user", "sshd", "docker", "nginx" }
+
+for _, name in ipairs(M.NAMES) do
+  local modname = "kengine.resources." .. name
+  if package.searchpath(modname, package.path) then M[name] = require(modname) end
 end
+
 return M
