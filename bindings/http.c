@@ -359,6 +359,28 @@ static int l_verb(lua_State *L) {
   return l_request(L);
 }
 
+/* cjson 2.1.0 decodes every number as a float; JSON APIs mean integers
+ * (ports, replicas, generations), so integral values become integers. */
+static void integers(lua_State *L, int idx, int depth) {
+  idx = lua_absindex(L, idx);
+  if (depth > 100 || !lua_istable(L, idx)) return;
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    if (lua_type(L, -1) == LUA_TNUMBER && !lua_isinteger(L, -1)) {
+      lua_Number n = lua_tonumber(L, -1);
+      lua_Integer i;
+      if (lua_numbertointeger(n, &i) && (lua_Number)i == n) {
+        lua_pushvalue(L, -2);
+        lua_pushinteger(L, i);
+        lua_rawset(L, idx); /* replacing an existing key is allowed during next */
+      }
+    } else if (lua_istable(L, -1)) {
+      integers(L, -1, depth + 1);
+    }
+    lua_pop(L, 1);
+  }
+}
+
 /* res:json() -> decoded body or nil, string, string.  Upvalue 1: cjson.decode */
 static int res_json(lua_State *L) {
   int ok;
@@ -366,7 +388,10 @@ static int res_json(lua_State *L) {
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_getfield(L, 1, "body");
   ok = lua_pcall(L, 1, 1, 0);
-  if (ok == LUA_OK) return 1;
+  if (ok == LUA_OK) {
+    integers(L, -1, 0);
+    return 1;
+  }
   lua_getfield(L, 1, "url");
   return kg_fail(L, "EPROTO", "invalid JSON from %s: %s", lua_tostring(L, -1), lua_tostring(L, -2));
 }

@@ -71,6 +71,7 @@ end
 
 local function wants_help(args)
   for _, a in ipairs(args) do
+    if a == "--" then return false end
     if a == "--help" or a == "-h" then return true end
   end
   return false

@@ -48,11 +48,28 @@ function M.encode(v)
   return (s:gsub(EMPTY_JSON:gsub("%p", "%%%0"), "[]"))
 end
 
---- Decode a JSON text.
+-- cjson 2.1.0 decodes every number as a float; integral ones become integers
+local function integers(v, depth)
+  if type(v) ~= "table" or depth > 100 then return v end
+  for key, x in pairs(v) do
+    if math.type(x) == "float" then
+      local i = math.tointeger(x)
+      if i then v[key] = i end
+    elseif type(x) == "table" then
+      integers(x, depth + 1)
+    end
+  end
+  return v
+end
+
+--- Decode a JSON text (integral numbers come back as integers).
 -- @return value or nil, string, string
 function M.decode(s)
   local ok, v = pcall(cjson.decode, s)
-  if ok then return v end
+  if ok then
+    if math.type(v) == "float" and math.tointeger(v) then return math.tointeger(v) end
+    return integers(v, 0)
+  end
   return nil, "EPROTO: invalid JSON: " .. tostring(v), "EPROTO"
 end
 
