@@ -1,5 +1,5 @@
 std = "lua54"
-max_line_length = 120
+max_line_length = 130
 files["tests/**/*_spec.lua"] = { std = "+busted" }
 files["tests/**/*.lua"] = { std = "+busted", max_line_length = 140 }
 exclude_files = { ".rocks-test/**" }
