@@ -16,7 +16,7 @@ DEB_BUILD := gcc make pkg-config liblua5.4-dev libssh-dev libcurl4-openssl-dev \
              lua-cjson-dev libedit-dev
 DEB_RUN   := lua5.4 lua-cjson lua-yaml lua-busted lua-check luarocks \
              openssh-server openssh-client openssl python3 procps iproute2 ca-certificates \
-             ansible-core docker.io debootstrap
+             ansible-core docker.io debootstrap python3-yaml busybox-static
 
 .PHONY: all deps test asan-test lint rock-test install uninstall clean
 
@@ -36,6 +36,7 @@ deps:
 # servers the harness starts, lint, and the LuaRocks build.
 test: kengine lint
 	tests/run.sh ./kengine
+	python3 -m unittest tests/sim/test_sim.py
 	tests/rock.sh
 
 asan-test: kengine-asan
