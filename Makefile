@@ -18,7 +18,7 @@ DEB_RUN   := lua5.4 lua-cjson lua-yaml lua-busted lua-check luarocks \
              openssh-server openssh-client openssl python3 procps iproute2 ca-certificates \
              ansible-core docker.io debootstrap python3-yaml busybox-static
 
-.PHONY: all deps test asan-test lint rock-test install uninstall clean
+.PHONY: all deps demo test asan-test lint rock-test install uninstall clean
 
 all: kengine
 
@@ -31,6 +31,11 @@ kengine-asan: $(SRCS) $(HDRS)
 deps:
 	apt-get update
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(DEB_BUILD) $(DEB_RUN)
+
+# The main job on the lab: a lab host set up end to end by recipes/full.lua.
+# make demo ARGS="-e replicas=5" scales the demo service.
+demo: kengine
+	scripts/demo.sh $(ARGS)
 
 # Every test: unit and integration specs against loopback sshd and HTTPS
 # servers the harness starts, lint, and the LuaRocks build.

@@ -3,7 +3,7 @@
 local M = {}
 
 M.NAMES = { "file", "line", "template", "package", "apt_repository", "service", "download", "wait_for",
-  "command", "user", "sshd", "docker", "nginx" }
+  "command", "user", "sshd", "docker", "nginx", "rancher", "k8s" }
 
 for _, name in ipairs(M.NAMES) do
   local modname = "kengine.resources." .. name

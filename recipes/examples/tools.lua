@@ -1,0 +1,16 @@
+--- A few tools on every host, checked in one round trip, and a line in a config file.
+-- kengine run recipes/examples/tools.lua -i $(kengine lab inventory) -e tools='["jq","tree"]'
+local k = require "kengine"
+
+return k.recipe {
+  name = "tools",
+  hosts = "all",
+  sudo = true,
+  vars = { tools = { "jq", "tree" } },
+  run = function(h)
+    h:package { name = h.vars.tools, update_cache = true, cache_valid_time = 3600 }
+    h:line { path = "/etc/environment", line = "EDITOR=vi", regexp = "^EDITOR=", create = true }
+    local r = h:exec("jq --version", { check_safe = true, changed_when = false })
+    if not h.check then h:log("jq: " .. r.stdout:gsub("%s+$", "")) end
+  end,
+}
