@@ -40,10 +40,10 @@ function M.unified(old, new, from_name, to_name, context)
   while i <= n or j <= m do
     if i <= n and j <= m and a[i] == b[j] then
       ops[#ops + 1] = { " ", a[i], i, j }; i = i + 1; j = j + 1
-    elseif j <= m and (i > n or L[i][j + 1] >= L[i + 1][j]) then
-      ops[#ops + 1] = { "+", b[j], i, j }; j = j + 1
+    elseif i <= n and (j > m or L[i + 1][j] >= L[i][j + 1]) then
+      ops[#ops + 1] = { "-", a[i], i, j }; i = i + 1 -- deletions first, as diff -u prints them
     else
-      ops[#ops + 1] = { "-", a[i], i, j }; i = i + 1
+      ops[#ops + 1] = { "+", b[j], i, j }; j = j + 1
     end
   end
   -- group changes into hunks with context

@@ -75,8 +75,8 @@ M.mt = {
   __tostring = function(h) return "kengine.host (" .. h.name .. ")" end,
 }
 
---- The user the session logged in as.
-function Host:user() return self.conn.user or "root" end
+--- The user the session logged in as (as the inventory names it).
+function Host:login_user() return self.conn.user or "root" end
 
 local function effective_sudo(h, opts)
   if opts and opts.sudo ~= nil then return opts.sudo end
@@ -101,7 +101,7 @@ function Host:raw(cmd, opts)
     stdin = script .. (stdin or "")
     line = string.format("eval \"$(dd bs=1 count=%d 2>/dev/null)\"", #script)
   end
-  if effective_sudo(self, opts) and self:user() ~= "root" then
+  if effective_sudo(self, opts) and self:login_user() ~= "root" then
     local pw = self.sudo_password
     if pw then
       line = "sudo -S -p '' -- sh -c " .. quote(line)
@@ -141,10 +141,10 @@ function Host:write(path, content, opts)
   if opts.owner or opts.group then
     parts[#parts + 1] = "chown " .. quote((opts.owner or "") .. (opts.group and (":" .. opts.group) or "")) ..
       " \"$t\" || return 1"
-  elseif self:user() == "root" or effective_sudo(self, opts) then
+  elseif self:login_user() == "root" or effective_sudo(self, opts) then
     parts[#parts + 1] = "if [ -e \"$p\" ]; then chown --reference=\"$p\" \"$t\" || return 1; fi"
   end
-  parts[#parts + 1] = "mv -f -- \"$t\" \"$p\"; }"
+  parts[#parts + 1] = "mv -Tf -- \"$t\" \"$p\"; }" -- -T: never into a directory a link points to
   parts[#parts + 1] = "if ok; then exit 0; fi; rm -f -- \"$t\"; exit 1"
   local r = self:raw(table.concat(parts, "\n"), { stdin = content, sudo = opts.sudo })
   if r.code ~= 0 then
@@ -343,7 +343,8 @@ function Host:resource(res, params)
     local ok, msg = res.validate(p)
     if not ok then
       local file, line = caller()
-      error(string.format("%s:%s: %s: %s", file or "?", line or "?", res.name, msg), 0)
+      error(setmetatable({ message = string.format("%s:%s: %s: %s", file or "?", line or "?", res.name, msg),
+        file = file, line = line }, StepError), 0)
     end
   end
   local label = res.label and res.label(p) or ""

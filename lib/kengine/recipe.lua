@@ -52,7 +52,13 @@ end
 function M.is_recipe(v) return getmetatable(v) == recipe_mt end
 
 local RESOURCE_FIELDS = { name = true, probe = true, diff = true, apply = true, label = true, validate = true,
-  description = true, defaults = true }
+  description = true, defaults = true, params_own = true }
+
+-- names the host object already uses: a resource there would never be reached
+local HOST_METHODS = { raw = true, read = true, write = true, exec = true, step = true, resource = true,
+  log = true, fail = true, handler = true, notify = true, include = true, run_once = true, login_user = true,
+  wait_for = true, command = true, shell = true, k8s_rollout = true }
+M.HOST_METHODS = HOST_METHODS
 
 --- Declare a resource; it becomes the method h:<name>{...} on every host.
 -- probe(h, p) reads the current state (runs in every mode, must not change
@@ -65,6 +71,9 @@ function M.resource(t)
   check_fields("resource", t, RESOURCE_FIELDS, 2)
   if type(t.name) ~= "string" or not t.name:match("^[%a_][%w_]*$") then
     error("resource: field 'name' must be an identifier", 2)
+  end
+  if HOST_METHODS[t.name] then
+    error("resource: '" .. t.name .. "' is a host method name; choose another name", 2)
   end
   for _, f in ipairs({ "probe", "diff", "apply" }) do
     if type(t[f]) ~= "function" then
