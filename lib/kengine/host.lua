@@ -113,7 +113,9 @@ function Host:raw(cmd, opts)
   local res, err, code = self.session:exec(line, { stdin = stdin, timeout = opts.timeout })
   self.run.report:echo(self.name, shown, res)
   if not res then
-    error(setmetatable({ message = err, code = code, transport = true }, StepError), 0)
+    -- a command that outlived its timeout fails its step; the connection is fine
+    -- (the session stays usable); anything else means the connection is gone
+    error(setmetatable({ message = err, code = code, transport = code ~= "ETIMEDOUT" }, StepError), 0)
   end
   return res
 end
