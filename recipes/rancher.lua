@@ -31,20 +31,32 @@ return k.recipe {
     local image = v.rancher_image
     if v.rancher_sim then image = mission.rancher_sim_image(h) end
 
-    local env = {}
+    -- The bootstrap password reaches the container through an env file
+    -- (root-only), not the container spec: a later run without it must not
+    -- see a changed spec and re-create Rancher.
     local boot = k.secret_env("KENGINE_RANCHER_BOOTSTRAP_PASSWORD")
-    if boot then env.CATTLE_BOOTSTRAP_PASSWORD = boot end
     h:file { path = "/opt/rancher", state = "directory", mode = "0700" }
-    h:docker_container {
+    if boot then
+      h:file { path = "/opt/rancher/bootstrap.env", mode = "0600",
+        content = "CATTLE_BOOTSTRAP_PASSWORD=" .. boot .. "\n" }  -- string .. secret is a secret
+    elseif not h:read("/opt/rancher/bootstrap.env") then
+      if h.check then h:log("first run: KENGINE_RANCHER_BOOTSTRAP_PASSWORD will be needed") return end
+      h:fail("first run: set KENGINE_RANCHER_BOOTSTRAP_PASSWORD (Rancher's bootstrap password)")
+    end
+    local cert = v.tls_cert or mission.NGINX_CERT
+    local c = h:docker_container {
       name = "rancher",
       image = image,
       ports = { "127.0.0.1:" .. port .. (v.rancher_sim and ":8080" or ":443") },
-      volumes = { "/opt/rancher:/var/lib/rancher" },
-      env = env,
+      volumes = { "/opt/rancher/data:/var/lib/rancher", cert .. ":/etc/rancher/ssl/cacerts.pem:ro" },
+      extra_args = { "--env-file", "/opt/rancher/bootstrap.env" },
       restart = "unless-stopped",
       privileged = not v.rancher_sim,   -- Rancher needs it outside Kubernetes; the simulator does not
-      command = v.rancher_sim and mission.rancher_sim_command() or nil,
     }
+    if h.check and c.changed then
+      h:log("Rancher would be (re)started: its API bootstrap follows on a real run")
+      return
+    end
 
     local api = mission.rancher_api(h)
     local admin = k.secret_env("KENGINE_RANCHER_ADMIN_PASSWORD")
