@@ -27,7 +27,8 @@ return k.recipe {
       h:file { path = u.home .. "/.kube", state = "directory", mode = "0700", owner = u.name, group = u.name }
       h:file { path = u.home .. "/.kube/config", content = k.secret(kubeconfig), mode = "0600",
         owner = u.name, group = u.name }
-      local r = h:exec("su -s /bin/sh -c 'kubectl get --raw /api/v1/nodes' " .. u.name,
+      -- (kubectl 1.20's get --raw drops the server's path prefix, /k8s/clusters/local)
+      local r = h:exec("su -s /bin/sh -c 'kubectl get nodes -o json' " .. u.name,
         { check_safe = true, changed_when = false })
       if not h.check then
         local nodes = k.json.decode(r.stdout)

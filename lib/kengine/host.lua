@@ -163,10 +163,9 @@ function Host:log(...)
   self.run.report:message(self.name, table.concat(parts, " "))
 end
 
---- Fail this host's run with a message.
-function Host.fail(_, msg)
-  local file, line = caller()
-  error(setmetatable({ message = tostring(msg), file = file, line = line }, StepError), 0)
+--- Fail this host's run with a message (a failed step, at the caller's line).
+function Host:fail(msg)
+  return self:step("fail", "", {}, function() return { failed = true, msg = tostring(msg) } end)
 end
 
 --- Register a handler: it runs once, after the run's steps, if notified.
@@ -341,15 +340,17 @@ function Host:resource(res, params)
   end
   local p, opts = split(res, params)
   for key, v in pairs(res.defaults or {}) do if p[key] == nil then p[key] = v end end
+  local label = res.label and select(2, pcall(res.label, p)) or ""
+  if type(label) ~= "string" then label = "" end
   if res.validate then
     local ok, msg = res.validate(p)
     if not ok then
-      local file, line = caller()
-      error(setmetatable({ message = string.format("%s:%s: %s: %s", file or "?", line or "?", res.name, msg),
-        file = file, line = line }, StepError), 0)
+      -- a bad parameter is a failed step like any other: counted, recorded, at file:line
+      return self:step(res.name, label, opts, function()
+        return { failed = true, msg = res.name .. ": " .. tostring(msg) }
+      end)
     end
   end
-  local label = res.label and res.label(p) or ""
   return self:step(res.name, label, opts, function(h)
     local state = res.probe(h, p)
     local changes = res.diff(h, p, state)

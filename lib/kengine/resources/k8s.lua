@@ -51,7 +51,7 @@ recipe.resource {
   end,
 }
 
-recipe.resource {
+local scale = recipe.resource {
   name = "k8s_scale",
   description = "a Deployment's replicas, through the scale subresource",
   label = function(p) return "deployments/" .. tostring(p.name) end,
@@ -76,6 +76,8 @@ recipe.resource {
     if not s then error(err, 0) end
   end,
 }
+
+scale.params_own = { name = true } -- the Deployment's name, not the step's
 
 --- Wait for a Deployment's rollout (kubectl's rule).  Never "changed".
 function Host:k8s_rollout(p)

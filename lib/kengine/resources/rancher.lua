@@ -97,7 +97,7 @@ recipe.resource {
   end,
 }
 
-recipe.resource {
+local setting = recipe.resource {
   name = "rancher_setting",
   description = "a Rancher setting",
   label = function(p) return p.name end,
@@ -121,6 +121,8 @@ recipe.resource {
     if ok == nil then error(err, 0) end
   end,
 }
+
+setting.params_own = { name = true } -- the setting's name, not the step's
 
 --- A Kubernetes client for a kubeconfig, reaching the cluster the way the
 -- controller can (controller_server replaces the server URL; the CA stays).
