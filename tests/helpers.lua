@@ -90,9 +90,20 @@ function H.lab()
   return H._lab
 end
 
+--- A lab of n fresh hosts for one spec (removed first if it exists; the
+-- spec's teardown removes it, tests/run.sh too).  Same shape as H.lab().
+function H.fresh_lab(name, n)
+  H.kengine({ "lab", "down", "--name", name })
+  local r = H.kengine({ "lab", "up", tostring(n), "--name", name })
+  assert(r.code == 0, "kengine lab up failed:\n" .. r.stdout .. r.stderr)
+  local path = H.kengine({ "lab", "inventory", "--name", name }).stdout:gsub("%s+$", "")
+  local inv = assert(loadfile(path, "t", {}))()
+  return { name = name, inventory = path, hosts = inv.hosts, ssh = inv.ssh, groups = inv.groups }
+end
+
 --- A direct SSH session to a lab host (for checking state independently of resources).
-function H.lab_connect(host)
-  local lab = H.lab()
+function H.lab_connect(host, lab)
+  lab = lab or H.lab()
   local hv = assert(lab.hosts[host], "no lab host " .. host)
   return assert(k.ssh.connect { host = hv.host, port = hv.port, user = hv.user or "root",
     identity = lab.ssh.identity, known_hosts = lab.ssh.known_hosts, config = false, timeout = 30 })

@@ -13,7 +13,10 @@ chmod 755 "$tmp"   # the loopback sshd user reaches target paths under it
 https_pid=
 cleanup() {
   # the lab the lab specs brought up (tests/helpers.lua H.lab), if any
-  if [ -z "${KG_KEEP_LAB:-}" ]; then "$bin" lab down --name "${KG_TEST_LAB:-kgtest}" >/dev/null 2>&1 || true; fi
+  if [ -z "${KG_KEEP_LAB:-}" ]; then
+    "$bin" lab down --name "${KG_TEST_LAB:-kgtest}" >/dev/null 2>&1 || true
+    "$bin" lab down --name "${KG_TEST_LAB:-kgtest}m" >/dev/null 2>&1 || true   # tests/mission's own
+  fi
   tests/support/sshd.sh stop "$tmp/sshd" >/dev/null 2>&1 || true
   [ -n "$https_pid" ] && kill "$https_pid" 2>/dev/null || true
   wait 2>/dev/null || true

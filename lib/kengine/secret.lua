@@ -39,10 +39,10 @@ function M.reveal(v)
   return v
 end
 
---- A secret from an environment variable, or nil, msg, code when unset.
+--- A secret from an environment variable, or nil, msg, code when unset or empty.
 function M.from_env(name)
   local v = os.getenv(name)
-  if v == nil then return nil, "ENOENT: environment variable " .. name .. " is not set", "ENOENT" end
+  if v == nil or v == "" then return nil, "ENOENT: environment variable " .. name .. " is not set", "ENOENT" end
   return M.new(v)
 end
 

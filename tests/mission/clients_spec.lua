@@ -178,6 +178,7 @@ describe("k8s client", function()
     v, msg, reason = kc:create("deployments", bad)
     assert.is_nil(v)
     assert.equal("Invalid", reason)
+    assert.matches('^Deployment.apps "mismatch" is invalid: .*%(422 Invalid%)$', msg)
     local stale = assert(kc:get("deployments", "hello"))
     stale.metadata.resourceVersion = "1"
     v, msg, reason = kc:replace("deployments", stale)
