@@ -24,6 +24,7 @@ local json = require "kengine.json"
 local proc = require "kengine.proc"
 local quote = require("kengine.host").quote
 local package = require "kengine.resources.package"
+local apt_repository = require "kengine.resources.apt_repository"
 
 local M = {}
 
@@ -202,8 +203,6 @@ local ENGINE_PKGS = {
   distro = { "docker.io", "ca-certificates", "xz-utils" },
   docker = { "docker-ce", "docker-ce-cli", "containerd.io", "ca-certificates", "xz-utils" },
 }
-local REPO_LIST = "/etc/apt/sources.list.d/docker.list"
-local REPO_KEY = "/etc/apt/keyrings/docker.asc"
 
 local function engine_source(p, st)
   if p.source ~= "auto" then return p.source end
@@ -261,7 +260,6 @@ local function engine_probe(h)
     "cat /sys/module/apparmor/parameters/enabled 2>/dev/null",
     "docker version --format '{{.Server.Version}}'",
     "[ -d /run/systemd/system ]",
-    "[ -s " .. REPO_KEY .. " ] && cat " .. REPO_LIST,
     "cat " .. DAEMON_JSON,
   })
   local st = { installed = {} }
@@ -273,13 +271,18 @@ local function engine_probe(h)
   st.running = res[4].rc == 0
   st.version = st.running and trim(res[4].out) or nil
   st.systemd = res[5].rc == 0
-  st.repo = res[6].rc == 0 and res[6].out or nil
-  st.daemon_json = res[7].rc == 0 and res[7].out or nil
+  st.daemon_json = res[6].rc == 0 and res[6].out or nil
   return st
 end
 
-local function repo_line(p, st)
-  return string.format("deb [signed-by=%s] %s/%s %s stable\n", REPO_KEY, p.repo_url, st.os_id, st.codename)
+-- Docker's own apt repository, through the apt_repository resource
+local function repo_params(p, st)
+  local rp = { name = "docker", uri = p.repo_url .. "/" .. st.os_id, suite = st.codename, components = { "stable" },
+    key_url = p.repo_url .. "/" .. st.os_id .. "/gpg", keyring = "/etc/apt/keyrings/docker.asc" }
+  for key, v in pairs(apt_repository.defaults or {}) do if rp[key] == nil then rp[key] = v end end
+  local ok, msg = apt_repository.validate(rp)
+  if not ok then fail("Docker's apt repository: " .. msg) end
+  return rp
 end
 
 -- the daemon.json kengine wants, or nil when it does not manage the file
@@ -316,9 +319,16 @@ M.docker = recipe.resource {
     return true
   end,
 
-  probe = engine_probe,
+  probe = function(h, p)
+    local st = engine_probe(h)
+    if engine_source(p, st) == "docker" then
+      st.repo_params = repo_params(p, st)
+      st.repo_state = apt_repository.probe(h, st.repo_params)
+    end
+    return st
+  end,
 
-  diff = function(_, p, st)
+  diff = function(h, p, st)
     local source = engine_source(p, st)
     if p.source ~= "auto" then
       local other = source == "docker" and "docker.io" or "docker-ce"
@@ -333,11 +343,10 @@ M.docker = recipe.resource {
     local missing = {}
     for _, n in ipairs(pkgs) do if not st.installed[n] then missing[#missing + 1] = n end end
     local what, fields = {}, {}
-    local repo
-    if source == "docker" and st.repo ~= repo_line(p, st) then
-      repo = repo_line(p, st)
-      what[#what + 1] = "add Docker's apt repository"
-      fields.repository = repo
+    local repo = st.repo_params and apt_repository.diff(h, st.repo_params, st.repo_state)
+    if repo then
+      what[#what + 1] = "Docker's apt repository: " .. repo.summary
+      fields.repository = repo.fields
     end
     if #missing > 0 then what[#what + 1] = "install " .. table.concat(missing, ", "); fields.install = missing end
     local dj = wanted_daemon_json(p, st)
@@ -356,22 +365,7 @@ M.docker = recipe.resource {
   end,
 
   apply = function(h, p, st, ch)
-    if ch.repo then
-      local script = table.concat({
-        "set -e",
-        "install -m 0755 -d /etc/apt/keyrings",
-        "if [ ! -s " .. REPO_KEY .. " ]; then",
-        "  command -v curl >/dev/null || { echo 'curl is needed to fetch the repository key' >&2; exit 1; }",
-        "  curl -fsSL " .. quote(p.repo_url .. "/" .. st.os_id .. "/gpg") .. " -o " .. REPO_KEY .. ".tmp",
-        "  chmod 0644 " .. REPO_KEY .. ".tmp && mv " .. REPO_KEY .. ".tmp " .. REPO_KEY,
-        "fi",
-        "mkdir -p /var/lib/kengine && touch /var/lib/kengine/apt-update-needed",
-      }, "\n")
-      local r = h:raw(script)
-      if r.code ~= 0 then fail("cannot add Docker's apt repository: " .. output_of(r)) end
-      h:write(REPO_LIST, ch.repo, { mode = "0644" })
-      h.apt_sources_changed = true
-    end
+    if ch.repo then apt_repository.apply(h, st.repo_params, st.repo_state, ch.repo) end
     if ch.daemon_json then
       local r = h:raw("mkdir -p /etc/docker")
       if r.code ~= 0 then fail("cannot create /etc/docker: " .. output_of(r)) end
