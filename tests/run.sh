@@ -16,6 +16,7 @@ cleanup() {
   if [ -z "${KG_KEEP_LAB:-}" ]; then
     "$bin" lab down --name "${KG_TEST_LAB:-kgtest}" >/dev/null 2>&1 || true
     "$bin" lab down --name "${KG_TEST_LAB:-kgtest}m" >/dev/null 2>&1 || true   # tests/mission's own
+    "$bin" lab down --name "${KG_TEST_LAB:-kgtest}e" >/dev/null 2>&1 || true   # tests/lab/examples_spec's own
   fi
   tests/support/sshd.sh stop "$tmp/sshd" >/dev/null 2>&1 || true
   [ -n "$https_pid" ] && kill "$https_pid" 2>/dev/null || true

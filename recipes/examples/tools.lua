@@ -10,7 +10,9 @@ return k.recipe {
   run = function(h)
     h:package { name = h.vars.tools, update_cache = true, cache_valid_time = 3600 }
     h:line { path = "/etc/environment", line = "EDITOR=vi", regexp = "^EDITOR=", create = true }
-    local r = h:exec("jq --version", { check_safe = true, changed_when = false })
-    if not h.check then h:log("jq: " .. r.stdout:gsub("%s+$", "")) end
+    if not h.check then -- in check mode jq may not be installed yet
+      local r = h:exec("jq --version", { changed_when = false })
+      h:log("jq: " .. r.stdout:gsub("%s+$", ""))
+    end
   end,
 }

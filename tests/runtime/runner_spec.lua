@@ -327,6 +327,49 @@ describe("kengine run", function()
     assert.equal("skipped", steps(events, "h1")[5].status)
   end)
 
+  it("runs hosts in batches with serial, and a run_once step once for all hosts", function()
+    local f = recipe("serial", [[
+      local k = require "kengine"
+      return k.recipe { hosts = "web", serial = 2, run = function(h)
+        local first = h:run_once("stamp", function(h0)
+          h0:exec("echo once >> " .. h0.vars.root .. "/../once.log")
+          return h0.name
+        end)
+        h:exec("date +%s.%N > " .. h.vars.root .. "/s.start; sleep 0.5; date +%s.%N > " .. h.vars.root .. "/s.end")
+        h:file { path = h.vars.root .. "/first", content = first }
+      end }
+    ]])
+    os.remove(root .. "/once.log")
+    local code, out = run({ f, "-i", inv_path })
+    assert.equal(0, code, out)
+    assert.equal("once\n", k.read_file(root .. "/once.log"))
+    for i = 1, 3 do assert.equal("h1", k.read_file(root .. "/h" .. i .. "/first")) end
+    -- h1 and h2 form the first batch; h3 starts after both ended
+    local t = function(i, what) return tonumber(k.read_file(root .. "/h" .. i .. "/s." .. what)) end
+    assert.is_true(t(3, "start") > math.max(t(1, "end"), t(2, "end")))
+    assert.is_true(t(2, "start") < t(1, "end"))
+  end)
+
+  it("stops every host with --fail-fast and skips tagged steps with --skip-tags", function()
+    local f = recipe("failfast", [[
+      local k = require "kengine"
+      return k.recipe { hosts = "all", run = function(h)
+        if h.name == "h1" then h:exec("exit 1") end
+        h:exec("sleep 1")
+        h:exec("touch " .. h.vars.root .. "/after-fail", { tags = { "late" } })
+      end }
+    ]])
+    for i = 1, N do os.remove(root .. "/h" .. i .. "/after-fail") end
+    local code, out = run({ f, "-i", inv_path, "--fail-fast" })
+    assert.equal(1, code)
+    for i = 1, N do assert.is_nil(k.read_file(root .. "/h" .. i .. "/after-fail")) end
+    assert.matches("stopped: another host failed", out)
+    local _, _, _, events = run({ f, "-i", inv_path, "--limit", "h2", "--skip-tags", "late" })
+    local s = steps(events, "h2")
+    assert.equal("skipped", s[#s].status)
+    assert.is_nil(k.read_file(root .. "/h2/after-fail"))
+  end)
+
   it("reads an Ansible INI inventory", function()
     local ini = base .. "/hosts.ini"
     local user = (k.read_file(dirs[1] .. "/user"):gsub("%s", ""))
