@@ -44,12 +44,16 @@ local function caller()
   return nil, nil
 end
 
+--- the last n lines of a text (default 5)
 local function tail(text, n)
   local lines = {}
   for l in (text or ""):gmatch("[^\n]+") do lines[#lines + 1] = l end
-  local first = math.max(1, #lines - n + 1)
-  return table.concat(lines, "\n", first)
+  return table.concat(lines, "\n", math.max(1, #lines - (n or 5) + 1))
 end
+M.tail = tail
+
+--- a text without leading and trailing white space
+function M.trim(s) return ((s or ""):gsub("^%s+", ""):gsub("%s+$", "")) end
 
 function Host.new(run, name, vars, conn)
   local h = setmetatable({
@@ -118,6 +122,27 @@ function Host:raw(cmd, opts)
     error(setmetatable({ message = err, code = code, transport = code ~= "ETIMEDOUT" }, StepError), 0)
   end
   return res
+end
+
+local MARK = "@@kengine_rc@@"
+
+--- Run several shell snippets in one round trip (for resources): each one's
+-- output (stdout and stderr together) and exit status come back in order.
+-- @return list of {out =, rc =}; raises when the target's output is garbled
+function Host:batch(snippets, opts)
+  local parts = {}
+  for i, s in ipairs(snippets) do
+    parts[i] = "{ " .. s .. "\n} 2>&1; printf '\\n%s %s\\n' " .. MARK .. " \"$?\""
+  end
+  local r = self:raw(table.concat(parts, "\n"), opts)
+  local out, pos = {}, 1
+  for _ = 1, #snippets do
+    local s, e, rc = r.stdout:find("\n" .. MARK .. " (%d+)\n", pos)
+    if not s then error("unexpected output from the target: " .. tail(r.stdout .. r.stderr, 5), 0) end
+    out[#out + 1] = { out = r.stdout:sub(pos, s - 1), rc = tonumber(rc) }
+    pos = e + 1
+  end
+  return out
 end
 
 --- Read a remote file (sudo-aware); nil when it does not exist.

@@ -57,7 +57,7 @@ local RESOURCE_FIELDS = { name = true, probe = true, diff = true, apply = true, 
 -- names the host object already uses: a resource there would never be reached
 local HOST_METHODS = { raw = true, read = true, write = true, exec = true, step = true, resource = true,
   log = true, fail = true, handler = true, notify = true, include = true, run_once = true, login_user = true,
-  wait_for = true, command = true, shell = true, k8s_rollout = true }
+  wait_for = true, command = true, shell = true, k8s_rollout = true, batch = true }
 M.HOST_METHODS = HOST_METHODS
 
 --- Declare a resource; it becomes the method h:<name>{...} on every host.

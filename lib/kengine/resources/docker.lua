@@ -30,13 +30,9 @@ local M = {}
 
 local function fail(msg) error(msg, 0) end
 
-local function trim(s) return ((s or ""):gsub("^%s+", ""):gsub("%s+$", "")) end
+local trim = require("kengine.host").trim
 
-local function tail(text, n)
-  local lines = {}
-  for l in (text or ""):gmatch("[^\n]+") do lines[#lines + 1] = l end
-  return table.concat(lines, "\n", math.max(1, #lines - (n or 5) + 1))
-end
+local tail = require("kengine.host").tail
 
 local function output_of(r) return trim(r.stderr ~= "" and r.stderr or r.stdout) end
 
@@ -124,24 +120,6 @@ M.json_pretty = json_pretty
 ---------------------------------------------------------------------------
 -- shared pieces
 
--- Run several shell snippets in one round trip; each one's output (stdout
--- and stderr together) and exit status come back in order.
-local MARK = "@@kengine_rc@@"
-local function batch(h, snippets, opts)
-  local parts = {}
-  for i, s in ipairs(snippets) do
-    parts[i] = "{ " .. s .. "\n} 2>&1; printf '\\n%s %s\\n' " .. MARK .. " \"$?\""
-  end
-  local r = h:raw(table.concat(parts, "\n"), opts)
-  local out, pos = {}, 1
-  for _ = 1, #snippets do
-    local s, e, rc = r.stdout:find("\n" .. MARK .. " (%d+)\n", pos)
-    if not s then fail("unexpected output from the target: " .. tail(r.stdout .. r.stderr, 5)) end
-    out[#out + 1] = { out = r.stdout:sub(pos, s - 1), rc = tonumber(rc) }
-    pos = e + 1
-  end
-  return out
-end
 
 local function no_daemon(text)
   return text:find("Cannot connect to the Docker daemon", 1, true) or text:find("Is the docker daemon running", 1, true)
@@ -254,7 +232,7 @@ local function engine_probe(h)
   end
   all[#all + 1] = "apparmor"
   table.sort(all)
-  local res = batch(h, {
+  local res = h:batch({
     ". /etc/os-release 2>/dev/null; echo \"$ID $VERSION_CODENAME\"",
     "dpkg-query -W -f='${Package} ${db:Status-Abbrev}\\n' " .. table.concat(all, " ") .. " 2>/dev/null; true",
     "cat /sys/module/apparmor/parameters/enabled 2>/dev/null",
@@ -468,7 +446,7 @@ M.docker_image = recipe.resource {
     local want_id, name = image_names(p)
     local snippets = { "docker image inspect --format " .. IMAGE_FMT .. " " .. quote(name or want_id) }
     if want_id then snippets[2] = "docker image inspect --format '{{.Id}}' " .. quote(want_id) end
-    local res = batch(h, snippets)
+    local res = h:batch(snippets)
     local problem = docker_problem(res[1])
     local st = { want_id = want_id, name = name, problem = problem }
     if problem then return st end
@@ -745,7 +723,7 @@ M.docker_container = recipe.resource {
   probe = function(h, p)
     local snippets = { "docker inspect --type container --format " .. CONTAINER_FMT .. " " .. quote(p.name) }
     if p.state ~= "absent" then snippets[2] = "docker image inspect --format '{{.Id}}' " .. quote(p.image) end
-    local res = batch(h, snippets)
+    local res = h:batch(snippets)
     local problem = docker_problem(res[1])
     if problem then return { problem = problem } end
     local st = { exists = false }

@@ -16,11 +16,7 @@ local function norm_mode(m)
   return n and string.format("%o", n) or tostring(m)
 end
 
-local function tail(text, n)
-  local lines = {}
-  for l in (text or ""):gmatch("[^\n]+") do lines[#lines + 1] = l end
-  return table.concat(lines, "\n", math.max(1, #lines - n + 1))
-end
+local tail = require("kengine.host").tail
 
 -- a curl config line: key = "value" with \ and " escaped
 local function conf(key, value)

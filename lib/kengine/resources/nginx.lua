@@ -23,32 +23,10 @@ local M = {}
 
 local function fail(msg) error(msg, 0) end
 
-local function trim(s) return ((s or ""):gsub("^%s+", ""):gsub("%s+$", "")) end
+local trim = require("kengine.host").trim
 
-local function tail(text, n)
-  local lines = {}
-  for l in (text or ""):gmatch("[^\n]+") do lines[#lines + 1] = l end
-  return table.concat(lines, "\n", math.max(1, #lines - (n or 5) + 1))
-end
+local tail = require("kengine.host").tail
 
--- Several shell snippets in one round trip; each one's output (stdout and
--- stderr together, byte for byte) and exit status, in order.
-local MARK = "@@kengine_rc@@"
-local function batch(h, snippets)
-  local parts = {}
-  for i, s in ipairs(snippets) do
-    parts[i] = "{ " .. s .. "\n} 2>&1; printf '\\n%s %s\\n' " .. MARK .. " \"$?\""
-  end
-  local r = h:raw(table.concat(parts, "\n"))
-  local out, pos = {}, 1
-  for _ = 1, #snippets do
-    local s, e, rc = r.stdout:find("\n" .. MARK .. " (%d+)\n", pos)
-    if not s then fail("unexpected output from the target: " .. tail(r.stdout .. r.stderr, 5)) end
-    out[#out + 1] = { out = r.stdout:sub(pos, s - 1), rc = tonumber(rc) }
-    pos = e + 1
-  end
-  return out
-end
 
 -- nginx running: systemd's view, else the pid file's
 local RUNNING = [[
@@ -82,7 +60,7 @@ M.nginx = recipe.resource {
     return true
   end,
   probe = function(h, p)
-    local res = batch(h, {
+    local res = h:batch({
       "dpkg-query -W -f='${db:Status-Abbrev}' " .. quote(p.package) .. " 2>/dev/null",
       RUNNING .. "running",
     })
@@ -265,7 +243,7 @@ end
 
 local function probe(h, p)
   local cert, key = cert_paths(p)
-  local res = batch(h, {
+  local res = h:batch({
     "[ -d /etc/nginx/sites-available ] || [ ! -d /etc/nginx/conf.d ]",
     "readlink /etc/nginx/sites-enabled/" .. quote(p.name),
     "[ -e /etc/nginx/sites-enabled/default ] || [ -L /etc/nginx/sites-enabled/default ] || " ..

@@ -15,11 +15,7 @@ local STATES = { started = true, stopped = true, restarted = true, reloaded = tr
 local SYSTEMD_ENABLED = { enabled = true, ["enabled-runtime"] = true, static = true, indirect = true,
   generated = true, alias = true }
 
-local function tail(text, n)
-  local lines = {}
-  for l in (text or ""):gmatch("[^\n]+") do lines[#lines + 1] = l end
-  return table.concat(lines, "\n", math.max(1, #lines - n + 1))
-end
+local tail = require("kengine.host").tail
 
 local function probe(h, p)
   local n = quote(p.name)

@@ -18,11 +18,7 @@ local M = {}
 local PARAMS = { port = true, host = true, state = true, url = true, status = true, insecure = true,
   command = true, timeout = true, interval = true, headers = true }
 
-local function tail(text, n)
-  local lines = {}
-  for l in (text or ""):gmatch("[^\n]+") do lines[#lines + 1] = l end
-  return table.concat(lines, "\n", math.max(1, #lines - n + 1))
-end
+local tail = require("kengine.host").tail
 
 local function conf(key, value)
   return key .. " = \"" .. secret.reveal(value):gsub("[\\\"]", "\\%0"):gsub("\n", "\\n") .. "\"\n"
