@@ -18,9 +18,9 @@ dir=$(dirname "$inv")
 # handed to kengine through its environment (never a command line)
 secrets="$dir/demo-secrets.env"
 if [ ! -f "$secrets" ]; then
-  umask 077
-  printf 'KENGINE_RANCHER_BOOTSTRAP_PASSWORD=%s\nKENGINE_RANCHER_ADMIN_PASSWORD=%s\n' \
-    "$(openssl rand -hex 12)" "$(openssl rand -hex 16)" > "$secrets"
+  ( umask 077   # in a subshell: the rest of the run keeps the usual umask
+    printf 'KENGINE_RANCHER_BOOTSTRAP_PASSWORD=%s\nKENGINE_RANCHER_ADMIN_PASSWORD=%s\n' \
+      "$(openssl rand -hex 12)" "$(openssl rand -hex 16)" > "$secrets" )
 fi
 set -a; . "$secrets"; set +a
 

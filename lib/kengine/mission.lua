@@ -73,6 +73,9 @@ function M.context(name, extra)
     r = proc.exec({ "cp", path, dir .. "/" .. target })
     if r.code ~= 0 then error("cannot copy " .. path .. " into the " .. name .. " image context: " .. r.stderr, 0) end
   end
+  -- modes are part of the context (and of its hash): fix them, whatever the umask
+  r = proc.exec({ "chmod", "-R", "u=rwX,go=rX", dir })
+  if r.code ~= 0 then error("cannot set modes in " .. dir .. ": " .. r.stderr, 0) end
   return dir
 end
 
