@@ -343,7 +343,10 @@ describe("kengine run", function()
     local code, out = run({ f, "-i", inv_path })
     assert.equal(0, code, out)
     assert.equal("once\n", k.read_file(root .. "/once.log"))
-    for i = 1, 3 do assert.equal("h1", k.read_file(root .. "/h" .. i .. "/first")) end
+    -- every host got the result of the one run, made by a host of the first batch
+    local first = k.read_file(root .. "/h1/first")
+    assert.is_truthy(first == "h1" or first == "h2", first)
+    for i = 2, 3 do assert.equal(first, k.read_file(root .. "/h" .. i .. "/first")) end
     -- h1 and h2 form the first batch; h3 starts after both ended
     local t = function(i, what) return tonumber(k.read_file(root .. "/h" .. i .. "/s." .. what)) end
     assert.is_true(t(3, "start") > math.max(t(1, "end"), t(2, "end")))
