@@ -18,7 +18,7 @@ DEB_RUN   := lua5.4 lua-cjson lua-yaml lua-busted lua-check luarocks \
              openssh-server openssh-client openssl python3 procps iproute2 ca-certificates \
              ansible-core docker.io debootstrap python3-yaml busybox-static
 
-.PHONY: all deps demo test asan-test lint rock-test install uninstall clean
+.PHONY: all deps deps-check demo test asan-test lab-ready lint rock-test install uninstall clean
 
 all: kengine
 
@@ -28,25 +28,34 @@ kengine: $(SRCS) $(HDRS)
 kengine-asan: $(SRCS) $(HDRS)
 	$(CC) $(CFLAGS) -O1 $(SANITIZE) -o $@ $(SRCS) $(LDFLAGS) $(LDLIBS)
 
+# install the Debian packages only when one is missing (make demo / make test on a fresh machine)
+deps-check:
+	@dpkg-query -W $(DEB_BUILD) $(DEB_RUN) >/dev/null 2>&1 || $(MAKE) deps
+
 deps:
 	apt-get update
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(DEB_BUILD) $(DEB_RUN)
 
 # The main job on the lab: a lab host set up end to end by recipes/full.lua.
 # make demo ARGS="-e replicas=5" scales the demo service.
-demo: kengine
+demo: deps-check kengine
 	scripts/demo.sh $(ARGS)
 
 # Every test: unit and integration specs against loopback sshd and HTTPS
 # servers the harness starts, lint, and the LuaRocks build.
-test: kengine lint
+test: deps-check kengine lint lab-ready
 	tests/run.sh ./kengine
 	python3 -m unittest tests/sim/test_sim.py
 	tests/rock.sh
 
-asan-test: kengine-asan
+asan-test: kengine-asan lab-ready
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  tests/run.sh ./kengine-asan
+
+# Docker running (no systemd here) and the lab image built (once, ~3 min)
+lab-ready: kengine
+	tests/support/dockerd.sh
+	./kengine lab image
 
 lint:
 	luacheck -q lib tests bench recipes
