@@ -122,6 +122,48 @@ function H.lab_run(recipe_path, args)
   return r.code, r.stdout, r.stderr, events
 end
 
+--- The helpers every lab resource spec uses, bound to one lab host.
+-- `target()` returns the host's name and a direct session to it (set in the
+-- spec's setup).  sh(cmd, allow_fail) → stdout, code (asserting exit 0
+-- unless allow_fail); recipe(body) → a recipe file whose run is body on that
+-- host; run(path, args…) → {code, out, steps, recap, events}; converge(path,
+-- n, after_check): --check reports n changes and changes nothing, a run
+-- makes them, a second run changes nothing.
+function H.lab_kit(target)
+  local kit = {}
+  function kit.sh(cmd, allow_fail)
+    local _, s = target()
+    local r = assert(s:exec(cmd))
+    if not allow_fail then assert(r.code == 0, cmd .. ": " .. r.stderr .. r.stdout) end
+    return r.stdout, r.code
+  end
+  function kit.recipe(body)
+    return H.recipe(string.format('local k = require "kengine"\nreturn k.recipe { hosts = %q, run = function(h)\n%s\nend }\n',
+      (target()), body))
+  end
+  function kit.run(path, ...)
+    local host = target()
+    local code, out, err, events = H.lab_run(path, { ... })
+    return { code = code, out = out .. err, steps = H.steps(events, host), recap = (H.recap(events) or {})[host] or {},
+      events = events }
+  end
+  function kit.converge(path, expect_changed, after_check)
+    local assert = require "luassert" -- busted's assert; this module sees Lua's own
+    local c = kit.run(path, "--check", "--diff")
+    assert.equal(0, c.code, c.out)
+    assert.equal(expect_changed, c.recap.changed, c.out)
+    if after_check then after_check(c) end
+    local r = kit.run(path, "--diff")
+    assert.equal(0, r.code, r.out)
+    assert.equal(expect_changed, r.recap.changed, r.out)
+    local again = kit.run(path)
+    assert.equal(0, again.code, again.out)
+    assert.equal(0, again.recap.changed, again.out)
+    return c, r
+  end
+  return kit
+end
+
 --- Step events of a run, optionally for one host.
 function H.steps(events, host)
   local out = {}

@@ -6,39 +6,12 @@ local H = require "helpers"
 
 local HOST, S
 
--- a direct command on the lab host: stdout (asserting exit 0 unless allow_fail)
-local function sh(cmd, allow_fail)
-  local r = assert(S:exec(cmd))
-  if not allow_fail then assert(r.code == 0, cmd .. ": " .. r.stderr) end
-  return r.stdout, r.code
-end
 
-local function recipe(body)
-  return H.recipe(string.format('local k = require "kengine"\nreturn k.recipe { hosts = %q, run = function(h)\n%s\nend }\n',
-    HOST, body))
-end
 
--- run a recipe; returns {code, out, steps, recap (this host's counts)}
-local function run(path, ...)
-  local code, out, err, events = H.lab_run(path, { ... })
-  return { code = code, out = out .. err, steps = H.steps(events, HOST), recap = (H.recap(events) or {})[HOST] or {} }
-end
 
--- --check reports changes and changes nothing; a run converges; a second run changes nothing
-local function converge(path, expect_changed, before_check)
-  local c = run(path, "--check", "--diff")
-  assert.equal(0, c.code, c.out)
-  assert.equal(expect_changed, c.recap.changed, c.out)
-  if before_check then before_check(c) end
-  local r = run(path, "--diff")
-  assert.equal(0, r.code, r.out)
-  assert.equal(expect_changed, r.recap.changed, r.out)
-  local again = run(path)
-  assert.equal(0, again.code, again.out)
-  assert.equal(0, again.recap.changed, again.out)
-  return c, r
-end
 
+local kit = H.lab_kit(function() return HOST, S end)
+local sh, recipe, run, converge = kit.sh, kit.recipe, kit.run, kit.converge
 describe("file, line, block, template on a lab host", function()
   setup(function()
     local lab = H.lab()

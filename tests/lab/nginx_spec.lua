@@ -15,23 +15,12 @@ local TLS_NAME = "tls-" .. RND .. ".test"
 local B1, B2 = 18181, 18182
 local AVAIL = "/etc/nginx/sites-available/"
 
-local function sh(cmd, allow_fail)
-  local r = assert(S:exec(cmd))
-  if not allow_fail then assert(r.code == 0, cmd .. ": " .. r.stderr .. r.stdout) end
-  return r.stdout, r.code
-end
 
+local kit = H.lab_kit(function() return HOST, S end)
+local sh, recipe, run = kit.sh, kit.recipe, kit.run
 local function trim(s) return (s:gsub("%s+$", "")) end
 
-local function recipe(body)
-  return H.recipe(string.format('local k = require "kengine"\nreturn k.recipe { hosts = %q, run = function(h)\n%s\nend }\n',
-    HOST, body))
-end
 
-local function run(path, ...)
-  local code, out, err, events = H.lab_run(path, { ... })
-  return { code = code, out = out .. err, steps = H.steps(events, HOST), recap = (H.recap(events) or {})[HOST] or {} }
-end
 
 local function lb_site(extra)
   return string.format('h:nginx_site { name = %q, server_name = %q, upstream = %s, default = true%s }', LB, LB_NAME,

@@ -9,36 +9,9 @@ local HOST, S
 local PORT = 18089            -- the http.server inside the lab host (its loopback)
 local WWW = "/srv/kg-www"
 
-local function sh(cmd, allow_fail)
-  local r = assert(S:exec(cmd))
-  if not allow_fail then assert(r.code == 0, cmd .. ": " .. r.stderr .. r.stdout) end
-  return r.stdout, r.code
-end
 
-local function recipe(body)
-  return H.recipe(string.format('local k = require "kengine"\nreturn k.recipe { hosts = %q, run = function(h)\n%s\nend }\n',
-    HOST, body))
-end
 
-local function run(path, ...)
-  local code, out, err, events = H.lab_run(path, { ... })
-  return { code = code, out = out .. err, steps = H.steps(events, HOST), recap = (H.recap(events) or {})[HOST] or {} }
-end
 
--- --check reports the changes, a run makes them, a second run changes nothing
-local function converge(path, expect_changed, after_check)
-  local c = run(path, "--check", "--diff")
-  assert.equal(0, c.code, c.out)
-  assert.equal(expect_changed, c.recap.changed, c.out)
-  if after_check then after_check(c) end
-  local r = run(path, "--diff")
-  assert.equal(0, r.code, r.out)
-  assert.equal(expect_changed, r.recap.changed, r.out)
-  local again = run(path)
-  assert.equal(0, again.code, again.out)
-  assert.equal(0, again.recap.changed, again.out)
-  return c, r
-end
 
 local INIT_SCRIPT = [[
 #!/bin/sh
@@ -62,6 +35,8 @@ esac
 ]]
 
 -- a fresh init script /etc/init.d/NAME (not running, no rc links)
+local kit = H.lab_kit(function() return HOST, S end)
+local sh, recipe, run, converge = kit.sh, kit.recipe, kit.run, kit.converge
 local function install_service(name)
   sh("/etc/init.d/" .. name .. " stop >/dev/null 2>&1; update-rc.d -f " .. name .. " remove >/dev/null 2>&1; " ..
     "rm -f /run/" .. name .. ".reloads; true")

@@ -18,22 +18,11 @@ local HARDENED = "# Managed by kengine (h:sshd): local changes are overwritten.\
   "Ciphers chacha20-poly1305@openssh.com,aes256-gcm@openssh.com\nKbdInteractiveAuthentication no\n" ..
   "MaxAuthTries 4\nPasswordAuthentication no\nPermitRootLogin prohibit-password\n"
 
-local function sh(cmd, allow_fail)
-  local r = assert(S:exec(cmd))
-  if not allow_fail then assert(r.code == 0, cmd .. ": " .. r.stderr) end
-  return r.stdout, r.code
-end
 
-local function recipe(body)
-  return H.recipe(string.format('local k = require "kengine"\nreturn k.recipe { hosts = %q, run = function(h)\n%s\nend }\n',
-    HOST, body))
-end
 
-local function run(path, ...)
-  local code, out, err, events = H.lab_run(path, { ... })
-  return { code = code, out = out .. err, steps = H.steps(events, HOST), recap = (H.recap(events) or {})[HOST] or {} }
-end
 
+local kit = H.lab_kit(function() return HOST, S end)
+local sh, recipe, run = kit.sh, kit.recipe, kit.run
 local function sshd(settings, extra)
   return recipe("h:sshd { settings = { " .. settings .. " }" .. (extra and (", " .. extra) or "") .. " }")
 end

@@ -13,36 +13,12 @@ local THIRD = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHZ0Kq4Fq8+GAc2uCJ0k2Q9bHBC8t
 local HASH1 = "$6$kgusalt1$Ibh1IZPpN/ZCg8Ss2qXn4Y3Ku2/mmN2E8sqgv5S6Tgx8Vbn5lI8qUD2.s64rVYHkJMQR4DWxGLnOxTgUFBXiK1"
 local HASH2 = "$6$kgusalt2$QkA7wyjL2m1C0yjbWcqJ2UQ6V5W0zBBbkGoSqR3u1Yk4yZfRTb1K5Zyk0tqcWgXSXWgd2aAXPj1XGz2Gpmm8n."
 
-local function sh(cmd, allow_fail)
-  local r = assert(S:exec(cmd))
-  if not allow_fail then assert(r.code == 0, cmd .. ": " .. r.stderr) end
-  return r.stdout, r.code
-end
 
-local function recipe(body)
-  return H.recipe(string.format('local k = require "kengine"\nreturn k.recipe { hosts = %q, run = function(h)\n%s\nend }\n',
-    HOST, body))
-end
 
-local function run(path, ...)
-  local code, out, err, events = H.lab_run(path, { ... })
-  return { code = code, out = out .. err, steps = H.steps(events, HOST), recap = (H.recap(events) or {})[HOST] or {} }
-end
 
-local function converge(path, expect_changed, before_check)
-  local c = run(path, "--check", "--diff")
-  assert.equal(0, c.code, c.out)
-  assert.equal(expect_changed, c.recap.changed, c.out)
-  if before_check then before_check(c) end
-  local r = run(path, "--diff")
-  assert.equal(0, r.code, r.out)
-  assert.equal(expect_changed, r.recap.changed, r.out)
-  local again = run(path)
-  assert.equal(0, again.code, again.out)
-  assert.equal(0, again.recap.changed, again.out)
-  return c, r
-end
 
+local kit = H.lab_kit(function() return HOST, S end)
+local sh, recipe, run, converge = kit.sh, kit.recipe, kit.run, kit.converge
 local function gone(user)
   sh("userdel -r " .. user .. " 2>/dev/null; groupdel " .. user .. " 2>/dev/null; true")
 end
