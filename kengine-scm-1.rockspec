@@ -51,6 +51,7 @@ build = {
       libraries = { "edit" }, incdirs = { "$(LIBEDIT_INCDIR)" }, libdirs = { "$(LIBEDIT_LIBDIR)" },
     },
     -- Lua modules (tests/rock.sh checks that every file under lib/ is listed)
+    ["kengine.base64"] = "lib/kengine/base64.lua",
     ["kengine.cli"] = "lib/kengine/cli.lua",
     ["kengine.diff"] = "lib/kengine/diff.lua",
     ["kengine.docker"] = "lib/kengine/docker.lua",

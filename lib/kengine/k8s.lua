@@ -14,26 +14,7 @@ local M = {}
 local Client = {}
 Client.__index = Client
 
-local function b64decode(s)
-  local alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-  local map = {}
-  for i = 1, #alphabet do map[alphabet:sub(i, i)] = i - 1 end
-  s = s:gsub("[^%w%+/=]", "")
-  local out, bits, nbits = {}, 0, 0
-  for c in s:gmatch(".") do
-    if c == "=" then break end
-    local v = map[c]
-    if v == nil then return nil end
-    bits = (bits << 6) | v
-    nbits = nbits + 6
-    if nbits >= 8 then
-      nbits = nbits - 8
-      out[#out + 1] = string.char((bits >> nbits) & 0xff)
-    end
-  end
-  return table.concat(out)
-end
-M.b64decode = b64decode
+local b64decode = require("kengine.base64").decode
 
 local function find_named(list, name)
   for _, item in ipairs(list or {}) do

@@ -42,6 +42,13 @@ local function check_pattern(p, key)
   return true
 end
 
+-- present without create = true needs the file to be there already
+local function must_exist(p, st)
+  if not st.exists and p.state == "present" and not p.create then
+    error(p.path .. " does not exist (create = true to create it)", 0)
+  end
+end
+
 local function changes_for(st, new, p)
   local old = st.content or ""
   if st.exists and old == new then return nil end
@@ -70,9 +77,7 @@ recipe.resource {
   end,
   probe = function(h, p) return read(h, p.path) end,
   diff = function(_, p, st)
-    if not st.exists and p.state == "present" and not p.create then
-      error(p.path .. " does not exist (create = true to create it)", 0)
-    end
+    must_exist(p, st)
     local lines = split_lines(st.content)
     local function matches(l)
       if p.regexp then return l:find(p.regexp) ~= nil end
@@ -117,9 +122,7 @@ recipe.resource {
   end,
   probe = function(h, p) return read(h, p.path) end,
   diff = function(_, p, st)
-    if not st.exists and p.state == "present" and not p.create then
-      error(p.path .. " does not exist (create = true to create it)", 0)
-    end
+    must_exist(p, st)
     local lines = split_lines(st.content)
     local b = p.marker:gsub("{mark}", "BEGIN")
     local e = p.marker:gsub("{mark}", "END")
