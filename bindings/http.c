@@ -163,7 +163,6 @@ static int request_step(lua_State *L, kg_op *op) {
     return KG_AGAIN;
   }
   if (op->result != CURLE_OK) {
-    const char *method = lua_tostring(L, lua_upvalueindex(2));
     const char *code = classify(r->easy, (CURLcode)op->result);
     const char *msg = r->errbuf[0] ? r->errbuf : curl_easy_strerror((CURLcode)op->result);
     char *url = NULL;
@@ -172,7 +171,6 @@ static int request_step(lua_State *L, kg_op *op) {
     luaL_pushfail(L);
     lua_insert(L, -2);
     lua_pushstring(L, code);
-    (void)method;
     request_free(r);
     return 3;
   }
@@ -266,9 +264,6 @@ static int l_request(lua_State *L) {
   method = optstr(L, 1, "method");
   if (method == NULL) method = r->reqbody ? "POST" : "GET";
   lua_pushstring(L, method); /* 3: for messages */
-  lua_pushnil(L);
-  lua_copy(L, 3, -1);
-  lua_pop(L, 1);
 
   if (lua_getfield(L, 1, "headers") == LUA_TTABLE) {
     lua_pushnil(L);
